@@ -1,0 +1,128 @@
+"""
+Benchmark of nanosar/model.py (a script, not a test): prints figures, measured in one run, as ratios.
+
+    python -m nanosar.bench_model                      # CPU: small sizes, a few seconds
+    python -m nanosar.bench_model --device=cuda        # GPU: 512x512 bf16, small and large presets
+
+1. Forward tiles/s and peak memory of each preset, with the loop reference and the grouped dispatch,
+   next to a dense ViT of the same active size (n_experts=1).
+2. One MoE FFN layer (E experts, top-k) against a dense FFN with the same active FLOPs (hidden k*Dh),
+   forward and forward+backward, for both dispatches.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from nanosar.model import Mlp, MoEFFN, SARConfig, Segmenter
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device, warmup=2, reps=5):
+    """Median wall time of fn() in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def peak_memory_gib(device, fn):
+    """Peak allocated GPU memory of fn() in GiB; None on CPU (no per-call allocator statistics there)."""
+    if device.type != "cuda":
+        fn()
+        return None
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def bench_presets(args, device, dtype):
+    print(f"\n== forward, {args.size}x{args.size}, batch {args.batch}, {dtype}, {device.type} ==")
+    print(f"{'preset':8s} {'variant':14s} {'tiles/s':>9s} {'vs dense':>9s} {'peak GiB':>9s}")
+    for name in args.presets:
+        x = torch.randn(args.batch, 1, args.size, args.size, device=device) * 3 - 12  # sigma0 in dB
+        dense_rate = None
+        for variant, overrides in (("dense", dict(n_experts=1)), ("moe-loop", dict(moe_dispatch="loop")),
+                                   ("moe-grouped", dict(moe_dispatch="grouped"))):
+            model = Segmenter(SARConfig.preset(name, **overrides)).to(device).eval()
+
+            def forward():
+                with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                    model(x)
+
+            seconds = time_call(forward, device, warmup=1, reps=args.reps)
+            peak = peak_memory_gib(device, forward)
+            rate = args.batch / seconds
+            dense_rate = dense_rate or rate
+            peak_txt = f"{peak:9.2f}" if peak is not None else f"{'-':>9s}"
+            print(f"{name:8s} {variant:14s} {rate:9.2f} {rate / dense_rate:8.2f}x {peak_txt}")
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+def bench_moe_layer(args, device, dtype):
+    T, D, Dh, E = args.tokens, args.width, 4 * args.width, args.experts
+    print(f"\n== one FFN layer: T={T} tokens, D={D}, Dh={Dh}, E={E}, {dtype}, {device.type} ==")
+    print(f"{'top-k':5s} {'layer':14s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} {'fwd vs dense':>13s} {'f+b vs dense':>13s}")
+    for k in (1, 2):
+        z = torch.randn(1, T, D, device=device, dtype=dtype, requires_grad=True)
+        s = torch.randn(1, 3, device=device)
+        layers = {"dense(k*Dh)": Mlp(D, k * Dh)}
+        for dispatch in ("loop", "grouped"):
+            layers[f"moe-{dispatch}"] = MoEFFN(D, Dh, E, k, descriptor_dim=3, dispatch=dispatch)
+        base = None
+        for label, layer in layers.items():
+            layer = layer.to(device, dtype)
+            run = (lambda: layer(z)) if isinstance(layer, Mlp) else (lambda: layer(z, s)[0])
+
+            def forward_backward():
+                run().float().square().mean().backward()
+
+            with torch.no_grad():
+                fwd = time_call(run, device, reps=args.reps)
+            fb = time_call(forward_backward, device, reps=args.reps)
+            base = base or (fwd, fb)
+            print(f"{k:<5d} {label:14s} {fwd * 1e3:8.2f} {fb * 1e3:11.2f} {fwd / base[0]:12.2f}x {fb / base[1]:12.2f}x")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--presets", nargs="+", default=None, help="default: tiny small (cpu), small large (cuda)")
+    parser.add_argument("--size", type=int, default=None, help="tile size; default 64 (cpu), 512 (cuda)")
+    parser.add_argument("--batch", type=int, default=None, help="default 2 (cpu), 32 (cuda)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default fp32 cpu, bf16 cuda")
+    parser.add_argument("--tokens", type=int, default=None, help="MoE layer tokens; default 2048 (cpu), 32768 (cuda)")
+    parser.add_argument("--width", type=int, default=None, help="MoE layer width D; default 256 (cpu), 1024 (cuda)")
+    parser.add_argument("--experts", type=int, default=6)
+    parser.add_argument("--reps", type=int, default=5)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.presets = args.presets or (["small", "large"] if gpu else ["tiny", "small"])
+    args.size = args.size or (512 if gpu else 64)
+    args.batch = args.batch or (32 if gpu else 2)
+    args.tokens = args.tokens or (32768 if gpu else 2048)
+    args.width = args.width or (1024 if gpu else 256)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
+    if gpu:
+        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+    bench_presets(args, device, dtype)
+    bench_moe_layer(args, device, dtype)
+
+
+if __name__ == "__main__":
+    main()

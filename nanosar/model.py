@@ -1,0 +1,788 @@
+"""
+The CrossEarth-SAR segmentation model in one file, read top to bottom as the data flows:
+
+    1. SARConfig and the presets tiny / small / base / large
+    2. the three SAR physical descriptors (directional entropy, ENL, local roughness)
+    3. attention, the dense FFN, LayerScale, drop path
+    4. the physics-guided router (token || descriptors -> softmax -> top-k)
+    5. the sparse MoE FFN and its dispatch (loop reference and sorted/grouped)
+    6. the transformer block and the DINOv2-layout ViT backbone
+    7. the segmentation head (UperNet-style FPN) and the Segmenter
+    8. upcycling from a local facebookresearch/dinov2 checkpoint
+
+Reference: CrossEarth-SAR (arXiv 2603.12008). Notation: B batch, C input channels, H W image size,
+N tokens per image, T = B*N tokens in a batch, D width, Dh expert hidden width, E experts,
+k experts per token, K classes, L transformer blocks.
+"""
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------
+# 1. Configuration
+
+
+INPUT_UNITS = ("intensity", "amplitude", "db", "complex")
+
+
+@dataclass
+class SARConfig:
+    """Hyper-parameters of the whole segmenter, plus its input contract (channels, unit, scaling)."""
+
+    # input contract: what a pixel is
+    img_size: int = 512               # training tile size in pixels (position embedding grid = img_size // patch_size)
+    in_chans: int = 1                 # 1, 2 or 4 polarizations, or 2 for complex (real, imag)
+    input_unit: str = "db"            # one of INPUT_UNITS: linear intensity, linear amplitude, dB, or complex re/im
+    channels: tuple = ()              # optional channel names in order, e.g. ("VV", "VH") or ("re", "im")
+    pixel_mean: tuple = ()            # per-channel mean subtracted before the ViT (in input_unit); () = 0
+    pixel_std: tuple = ()             # per-channel std the ViT input is divided by; () = 1
+    # ViT (DINOv2 layout)
+    patch_size: int = 16              # DINOv2 ships 14; the paper's mmseg stack converts to 16 at 512x512
+    embed_dim: int = 384
+    depth: int = 12
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    layerscale_init: float = 1e-5     # 0 disables LayerScale
+    num_register_tokens: int = 0      # DINOv2 "with registers" checkpoints have 4
+    drop_path_rate: float = 0.0       # stochastic depth, linearly increasing over blocks
+    # physics-guided sparse MoE (n_experts = 1 gives the dense ViT with plain FFNs)
+    n_experts: int = 6
+    top_k: int = 1
+    descriptor_dim: int = 3           # 3 = physics router on [token || descriptors]; 0 = router sees tokens only
+    entropy_bins: int = 18            # orientation bins over [0, pi) for the directional entropy (10 degrees each)
+    roughness_block: int = 16         # block size in pixels for the local roughness
+    balance_loss_weight: float = 0.005  # Switch load-balance loss weight (paper: 0.005)
+    router_z_loss_weight: float = 0.001  # ST-MoE router z-loss weight (not in the paper; 0 disables)
+    moe_dispatch: str = "grouped"     # "grouped" (sorted, one grouped matmul) or "loop" (the reference)
+    # segmentation head
+    num_classes: int = 7
+    head_dim: int = 256
+    feature_layers: tuple = ()        # 4 block indices whose outputs feed the head; () = evenly spaced
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"SARConfig: {msg}")
+
+        if self.input_unit not in INPUT_UNITS:
+            bad(f"input_unit must be one of {INPUT_UNITS}, got {self.input_unit!r}")
+        if self.input_unit == "complex" and self.in_chans != 2:
+            bad(f"complex input needs in_chans=2 (real, imag), got {self.in_chans}")
+        if self.in_chans not in (1, 2, 4):
+            bad(f"in_chans must be 1, 2 or 4 (polarizations) or 2 (complex re/im), got {self.in_chans}")
+        for name in ("channels", "pixel_mean", "pixel_std"):
+            value = tuple(getattr(self, name))
+            if value and len(value) != self.in_chans:
+                bad(f"{name} has {len(value)} entries for in_chans={self.in_chans}")
+            object.__setattr__(self, name, value)  # lists from JSON become tuples
+        if any(s <= 0 for s in self.pixel_std):
+            bad(f"pixel_std must be positive, got {self.pixel_std}")
+        if self.patch_size < 1 or self.img_size % self.patch_size:
+            bad(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            bad(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.depth < 1 or self.mlp_ratio <= 0:
+            bad(f"depth must be >= 1 and mlp_ratio > 0, got {self.depth}, {self.mlp_ratio}")
+        if not 1 <= self.top_k <= self.n_experts:
+            bad(f"top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
+        if self.descriptor_dim not in (0, 3):
+            bad(f"descriptor_dim must be 3 (physics router) or 0 (token-only router), got {self.descriptor_dim}")
+        if self.entropy_bins < 2 or self.roughness_block < 1:
+            bad("entropy_bins must be >= 2 and roughness_block >= 1")
+        if self.img_size < 2 * self.roughness_block:
+            bad(f"img_size {self.img_size} must hold at least 2x2 roughness blocks of {self.roughness_block}")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            bad(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.layerscale_init < 0 or self.balance_loss_weight < 0 or self.router_z_loss_weight < 0:
+            bad("layerscale_init and the loss weights must be >= 0")
+        if self.moe_dispatch not in ("grouped", "loop"):
+            bad(f"moe_dispatch must be 'grouped' or 'loop', got {self.moe_dispatch!r}")
+        if self.num_classes < 1 or self.head_dim < 8 or self.head_dim % 8:
+            bad(f"num_classes must be >= 1 and head_dim a positive multiple of 8, got {self.head_dim}")
+        layers = tuple(self.feature_layers) or self.default_feature_layers()
+        if len(layers) != 4 or any(not 0 <= i < self.depth for i in layers):
+            bad(f"feature_layers must be 4 block indices in [0, {self.depth}), got {layers}")
+        object.__setattr__(self, "feature_layers", layers)
+
+    def default_feature_layers(self):
+        """Four evenly spaced blocks ending with the last: ViT-S/B (12) -> 2,5,8,11; ViT-L (24) -> 5,11,17,23."""
+        return tuple(self.depth * (i + 1) // 4 - 1 for i in range(4))
+
+    @property
+    def hidden_dim(self):
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        """A named preset (tiny, small, base, large) with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+# The paper's S/B/L are DINOv2 ViT-S/B/L with each FFN upcycled into 6 full-size experts, top-1.
+# tiny is for CPU tests and the embedded synthetic default: 64x64 tiles, 8x8 patches.
+PRESETS = {
+    "tiny": dict(img_size=64, patch_size=8, embed_dim=96, depth=4, num_heads=3, head_dim=32, roughness_block=8),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+# -----------------------------------------------------------------------------
+# 2. SAR physical descriptors (paper Sec. 3, "Physical Mechanism Router")
+#
+# Each is one scalar per image, computed on X' = log(1 + |X|) of a single-band magnitude image.
+# The paper does not fix bins, block size or normalisation; nanosar's choices are documented here
+# and exposed in SARConfig (entropy_bins, roughness_block).
+
+
+def sar_magnitude(x, input_unit):
+    """(B, C, H, W) pixels in `input_unit` -> (B, H, W) one non-negative magnitude image per sample.
+
+    intensity / amplitude: channel mean of |x| (linear units as given); db: channel mean of the linear
+    intensity 10^(x/10); complex: amplitude sqrt(re^2 + im^2) of the (re, im) channel pair.
+    """
+    if input_unit == "complex":
+        return torch.sqrt(x[:, 0] ** 2 + x[:, 1] ** 2)  # (B, H, W) linear amplitude
+    if input_unit == "db":
+        return (10.0 ** (x / 10.0)).mean(dim=1)         # (B, H, W) linear intensity
+    return x.abs().mean(dim=1)                          # (B, H, W) as given
+
+
+def float32_region(x):
+    """Context that turns autocast off so the code inside runs in float32 (no autocast on 'meta')."""
+    if x.device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(x.device.type, enabled=False)
+
+
+SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
+
+
+def directional_entropy(img, n_bins=18):
+    """Entropy (nats) of the Sobel gradient-orientation histogram. img: (B, H, W) -> (B,).
+
+    Orientations are undirected (theta mod pi, so a bright-to-dark and a dark-to-bright edge count the
+    same), split into n_bins equal bins over [0, pi), and each pixel votes with its gradient magnitude,
+    so flat areas do not vote. Range [0, ln n_bins]: ~0 for one straight edge, ln n_bins for isotropic
+    texture such as pure speckle. An image with no gradient at all gets 0.
+    """
+    kx = SOBEL_X.to(img)[None, None]                    # (1, 1, 3, 3)
+    ky = kx.transpose(2, 3)                             # Sobel y = transpose of Sobel x
+    gx = F.conv2d(img[:, None], kx)[:, 0]               # (B, H-2, W-2), "valid": no padding artefacts
+    gy = F.conv2d(img[:, None], ky)[:, 0]
+    magnitude = torch.sqrt(gx**2 + gy**2).flatten(1)     # (B, P)
+    theta = torch.remainder(torch.atan2(gy, gx), math.pi).flatten(1)  # (B, P) in [0, pi)
+    bins = (theta * (n_bins / math.pi)).long().clamp_(max=n_bins - 1)
+    hist = img.new_zeros(img.shape[0], n_bins).scatter_add_(1, bins, magnitude)  # (B, n_bins)
+    p = hist / hist.sum(dim=1, keepdim=True).clamp_min(1e-12)
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)  # 0 log 0 = 0
+
+
+def equivalent_number_of_looks(img):
+    """ENL = (mean / std)^2 over each whole image. img: (B, H, W) -> (B,). Unitless.
+
+    On linear intensity of a homogeneous area this is the physical ENL (= L for L-look Gamma speckle).
+    On log(1+|x|) it is a texture statistic: for small intensities (x << 1) log1p is nearly the
+    identity and ENL stays ~L, but for large values (DN, 8-bit) the log compresses the spread and the
+    value grows far above L. A constant image gives a large finite value (variance floored at 1e-12).
+    """
+    mean = img.mean(dim=(1, 2))
+    var = img.var(dim=(1, 2), unbiased=False)
+    return mean**2 / var.clamp_min(1e-12)
+
+
+def local_roughness(img, block=16):
+    """Variance of the means of non-overlapping block x block pixel blocks. img: (B, H, W) -> (B,).
+
+    Units of img squared. 0 for a constant image; large when the scene changes at the block scale
+    (heterogeneous terrain), small when only pixel-scale speckle varies. Rows and columns beyond the
+    last whole block are ignored.
+    """
+    block_means = F.avg_pool2d(img[:, None], block)   # (B, 1, H//block, W//block)
+    return block_means.flatten(1).var(dim=1, unbiased=False)
+
+
+def sar_descriptors(x, cfg):
+    """The paper's s = [H_DE, ENL, R_LR] per image. x: (B, C, H, W) in cfg.input_unit -> (B, 3) raw values.
+
+    All three are computed on X' = log(1 + |X|) of the magnitude image (see sar_magnitude), in float32,
+    without gradient.
+    """
+    with torch.no_grad(), float32_region(x):
+        img = torch.log1p(sar_magnitude(x.float(), cfg.input_unit))  # (B, H, W) X'
+        return torch.stack(
+            [
+                directional_entropy(img, cfg.entropy_bins),
+                equivalent_number_of_looks(img),
+                local_roughness(img, cfg.roughness_block),
+            ],
+            dim=1,
+        )
+
+
+def router_features(s, n_bins):
+    """Raw descriptors (B, 3) -> router inputs (B, 3) of order one.
+
+    Entropy is divided by its maximum ln(n_bins) -> [0, 1]. ENL and roughness span orders of magnitude
+    across sensors (ENL 1 vs 50, roughness 1e-5 vs 1), so the router sees their logarithms, clamped so
+    that a constant image stays finite: ln(ENL) in [-6.9, 9.2], ln(R + 1e-6) in [-13.8, ...].
+    """
+    entropy, enl, roughness = s.unbind(dim=1)
+    return torch.stack(
+        [entropy / math.log(n_bins), torch.log(enl.clamp(1e-3, 1e4)), torch.log(roughness + 1e-6)], dim=1
+    )
+
+
+# -----------------------------------------------------------------------------
+# 3. Attention, dense FFN, LayerScale, drop path (DINOv2 layers, same parameter names)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, D // self.num_heads)  # (B, N, 3, nh, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                        # 3 x (B, nh, N, hs)
+        y = F.scaled_dot_product_attention(q, k, v)                             # (B, nh, N, hs)
+        return self.proj(y.transpose(1, 2).reshape(B, N, D))                    # (B, N, D)
+
+
+class Mlp(nn.Module):
+    """The dense DINOv2 FFN: fc1 -> GELU -> fc2. (..., D) -> (..., D)."""
+
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, init_value):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init_value))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+def drop_path(x, p, training):
+    """Stochastic depth: drop the whole residual branch for a random subset of samples. x: (B, ...)."""
+    if p == 0.0 or not training:
+        return x
+    keep = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(1.0 - p)
+    return x * keep / (1.0 - p)
+
+
+# -----------------------------------------------------------------------------
+# 4. The physics-guided router
+
+
+@dataclass
+class Routing:
+    """What the router decides for T tokens, and the statistics the losses and logs need."""
+
+    expert_idx: torch.Tensor      # (T, k) int64 chosen experts, best first
+    gates: torch.Tensor           # (T, k) float32 top-k probabilities renormalised to sum to 1
+    balance_loss: torch.Tensor    # () Switch loss E * sum_e f_e p_e, unweighted; 1.0 when routing is uniform
+    z_loss: torch.Tensor          # () mean logsumexp(logits)^2, unweighted
+    tokens_per_expert: torch.Tensor  # (E,) int64 number of (token, slot) assignments per expert
+
+
+def tokens_per_expert(expert_idx, n_experts):
+    """Histogram of expert ids. expert_idx: (T, k) int64 -> (E,) int64. (scatter_add, so meta tensors work.)"""
+    flat = expert_idx.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+
+
+def route(logits, top_k):
+    """Router logits (T, E) -> Routing. Softmax in float32, top-k, gates renormalised over the chosen k.
+
+    With k = 1 every gate is exactly 1 (so an upcycled model reproduces the dense FFN whatever the
+    routing) and the router learns only through the balance and z losses, as in the paper.
+    """
+    logits = logits.float()
+    T, E = logits.shape
+    probs = logits.softmax(dim=-1)                               # (T, E)
+    top_probs, expert_idx = probs.topk(top_k, dim=-1)            # (T, k), (T, k)
+    gates = top_probs / top_probs.sum(dim=-1, keepdim=True)      # (T, k), rows sum to 1
+    counts = tokens_per_expert(expert_idx, E)                    # (E,)
+    fraction_routed = counts.float() / (T * top_k)               # f_e: share of assignments, no gradient
+    mean_prob = probs.mean(dim=0)                                # p_e: mean router probability
+    balance_loss = E * (fraction_routed * mean_prob).sum()
+    z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
+    return Routing(expert_idx, gates, balance_loss, z_loss, counts)
+
+
+class PhysicsRouter(nn.Module):
+    """pi = softmax(W_r [z || s] + b_r): one linear layer over each token and its image's descriptors."""
+
+    def __init__(self, dim, descriptor_dim, n_experts):
+        super().__init__()
+        self.dim = dim
+        self.linear = nn.Linear(dim + descriptor_dim, n_experts)
+
+    def forward(self, z, s):
+        """z: (B, N, D) tokens, s: (B, 3) router features or None -> logits (B*N, E) float32."""
+        with float32_region(z):
+            W, b = self.linear.weight.float(), self.linear.bias.float()
+            logits = F.linear(z.float(), W[:, : self.dim], b)                  # (B, N, E)
+            if s is not None:
+                # W [z || s] = W_z z + W_s s: add the per-image descriptor term without tiling s over tokens
+                logits = logits + F.linear(s.float(), W[:, self.dim :])[:, None]  # (B, 1, E) broadcast
+        return logits.flatten(0, 1)                                            # (T, E)
+
+
+# -----------------------------------------------------------------------------
+# 5. The sparse MoE FFN
+#
+# Experts are stored stacked: w1 (E, D, Dh), b1 (E, Dh), w2 (E, Dh, D), b2 (E, D); expert e computes
+# gelu(x @ w1[e] + b1[e]) @ w2[e] + b2[e], the same function as the dense Mlp with fc1.weight = w1[e].T.
+# dispatch(x, expert_idx, gates) -> y sends each token to its k experts and sums the gated outputs:
+#   y[t] = sum_j gates[t, j] * expert_{expert_idx[t, j]}(x[t])
+
+
+def expert_ffn(x, w1, b1, w2, b2):
+    """One expert on a block of tokens. x: (n, D), w1: (D, Dh), b1: (Dh,), w2: (Dh, D), b2: (D,) -> (n, D)."""
+    return torch.addmm(b2, F.gelu(torch.addmm(b1, x, w1)), w2)
+
+
+def dispatch_loop(x, expert_idx, gates, w1, b1, w2, b2):
+    """Reference dispatch: for each expert, gather its tokens, run it, scatter-add the gated output.
+
+    x: (T, D), expert_idx: (T, k) int64, gates: (T, k) -> (T, D). Obviously correct, E small matmuls.
+    """
+    y = torch.zeros_like(x)
+    for e in range(w1.shape[0]):
+        token, slot = torch.where(expert_idx == e)            # (n_e,), (n_e,)
+        if token.numel() == 0:
+            continue
+        out = expert_ffn(x[token], w1[e], b1[e], w2[e], b2[e])  # (n_e, D)
+        y = y.index_add(0, token, out * gates[token, slot, None].to(out.dtype))
+    return y
+
+
+def grouped_mm_supported(x):
+    """torch._grouped_mm runs fast kernels for bf16 on sm90+ GPUs (H100/H200); elsewhere use slices.
+
+    Meta tensors also go through it (bf16), so that shape checks of the large presets need no memory.
+    """
+    if x.dtype != torch.bfloat16:
+        return False
+    if x.is_meta:
+        return True
+    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
+
+
+def grouped_expert_ffn(x_sorted, expert_of_row, counts, w1, b1, w2, b2):
+    """All experts on expert-contiguous rows. x_sorted: (S, D) grouped by expert, counts: (E,) -> (S, D).
+
+    One grouped matmul per layer where torch._grouped_mm is supported; otherwise one matmul per
+    expert on its contiguous slice (no Python loop over tokens, E matmuls, one host sync for sizes).
+    """
+    if grouped_mm_supported(x_sorted):
+        offsets = counts.cumsum(0).to(torch.int32)                               # (E,) end row of each group
+        h = torch._grouped_mm(x_sorted, w1, offs=offsets) + b1[expert_of_row]     # (S, Dh)
+        return torch._grouped_mm(F.gelu(h), w2, offs=offsets) + b2[expert_of_row]  # (S, D)
+    slices = x_sorted.split(counts.tolist())                                     # E x (n_e, D)
+    return torch.cat([expert_ffn(xs, w1[e], b1[e], w2[e], b2[e]) for e, xs in enumerate(slices)])
+
+
+def dispatch_grouped(x, expert_idx, gates, w1, b1, w2, b2):
+    """Sorted dispatch (the megablocks decomposition): permute, grouped FFN, un-permute and combine.
+
+    x: (T, D), expert_idx: (T, k) int64, gates: (T, k) -> (T, D). Same result as dispatch_loop.
+    """
+    T, k = expert_idx.shape
+    flat_expert = expert_idx.reshape(-1)                        # (T*k,) assignment a = t*k + j
+    order = torch.argsort(flat_expert, stable=True)             # (T*k,) assignments grouped by expert
+    token_of_row = order // k                                   # (T*k,) source token of each sorted row
+    counts = tokens_per_expert(expert_idx, w1.shape[0])         # (E,)
+    x_sorted = x[token_of_row]                                  # (T*k, D) permute (scatter to experts)
+    out = grouped_expert_ffn(x_sorted, flat_expert[order], counts, w1, b1, w2, b2)  # (T*k, D)
+    out = out * gates.reshape(-1)[order, None].to(out.dtype)    # (T*k, D) gated
+    return torch.zeros_like(x).index_add(0, token_of_row, out)  # (T, D) combine back in token order
+
+
+DISPATCH = {"loop": dispatch_loop, "grouped": dispatch_grouped}
+
+
+class MoEFFN(nn.Module):
+    """Physics-guided sparse MoE that replaces a block's FFN. (B, N, D), (B, 3) -> (B, N, D), Routing."""
+
+    def __init__(self, dim, hidden_dim, n_experts, top_k, descriptor_dim, dispatch="grouped"):
+        super().__init__()
+        self.top_k = top_k
+        self.dispatch = dispatch
+        self.router = PhysicsRouter(dim, descriptor_dim, n_experts)
+        self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+        self.b1 = nn.Parameter(torch.zeros(n_experts, hidden_dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.b2 = nn.Parameter(torch.zeros(n_experts, dim))
+        nn.init.trunc_normal_(self.w1, std=0.02)
+        nn.init.trunc_normal_(self.w2, std=0.02)
+
+    def forward(self, z, s=None):
+        B, N, D = z.shape
+        routing = route(self.router(z, s), self.top_k)               # expert_idx, gates: (T, k)
+        x = z.reshape(B * N, D)                                      # (T, D)
+        weights = self.w1, self.b1, self.w2, self.b2
+        if not z.is_meta and torch.is_autocast_enabled(z.device.type):               # dispatch does raw matmuls: cast like autocast
+            dtype = torch.get_autocast_dtype(z.device.type)
+            x, weights = x.to(dtype), [w.to(dtype) for w in weights]
+        y = DISPATCH[self.dispatch](x, routing.expert_idx, routing.gates, *weights)  # (T, D)
+        return y.view(B, N, D), routing
+
+
+# -----------------------------------------------------------------------------
+# 6. Transformer block and the DINOv2-layout ViT backbone
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + ls1(attn(norm1(x))), then x + ls2(ffn(norm2(x), s)); ffn is MoE or dense."""
+
+    def __init__(self, cfg, drop_path_rate):
+        super().__init__()
+        D = cfg.embed_dim
+        self.drop_path_rate = drop_path_rate
+        self.norm1 = nn.LayerNorm(D, eps=1e-6)
+        self.attn = Attention(D, cfg.num_heads)
+        self.ls1 = LayerScale(D, cfg.layerscale_init) if cfg.layerscale_init > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(D, eps=1e-6)
+        if cfg.n_experts > 1:
+            self.mlp = MoEFFN(D, cfg.hidden_dim, cfg.n_experts, cfg.top_k, cfg.descriptor_dim, cfg.moe_dispatch)
+        else:
+            self.mlp = Mlp(D, cfg.hidden_dim)
+        self.ls2 = LayerScale(D, cfg.layerscale_init) if cfg.layerscale_init > 0 else nn.Identity()
+
+    def forward(self, x, s=None):
+        """x: (B, N, D), s: (B, 3) router features or None -> (B, N, D), Routing or None (dense)."""
+        x = x + drop_path(self.ls1(self.attn(self.norm1(x))), self.drop_path_rate, self.training)
+        if isinstance(self.mlp, MoEFFN):
+            y, routing = self.mlp(self.norm2(x), s)
+        else:
+            y, routing = self.mlp(self.norm2(x)), None
+        return x + drop_path(self.ls2(y), self.drop_path_rate, self.training), routing
+
+
+def resize_pos_embed(pos_embed, h, w):
+    """(1, 1 + g*g, D) position embedding -> (1, 1 + h*w, D): cls position kept, bicubic on the patch grid."""
+    g = int(math.sqrt(pos_embed.shape[1] - 1))
+    if (h, w) == (g, g):
+        return pos_embed
+    grid = pos_embed[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)                # (1, D, g, g)
+    grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
+    return torch.cat([pos_embed[:, :1], grid.flatten(2).transpose(1, 2).to(pos_embed.dtype)], dim=1)
+
+
+class SARViT(nn.Module):
+    """DINOv2-layout ViT with physics-guided MoE FFNs. Parameter names follow facebookresearch/dinov2."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        D, grid = cfg.embed_dim, cfg.img_size // cfg.patch_size
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(cfg.in_chans, D, cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, D))  # cls + grid x grid patches
+        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.num_register_tokens, D)) if cfg.num_register_tokens else None
+        rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.apply(_init_linear)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+
+    def forward(self, x, s=None):
+        """x: (B, C, H, W) normalised pixels, s: (B, 3) router features or None.
+
+        Returns the 4 feature maps of cfg.feature_layers after the final norm, each (B, D, H/p, W/p),
+        and the list of per-block Routing (empty for the dense ViT).
+        """
+        B, _, H, W = x.shape
+        h, w = H // self.cfg.patch_size, W // self.cfg.patch_size
+        x = self.patch_embed.proj(x).flatten(2).transpose(1, 2)              # (B, h*w, D)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)          # (B, 1 + h*w, D)
+        x = x + resize_pos_embed(self.pos_embed, h, w)                       # DINOv2 interpolation
+        if self.register_tokens is not None:                                 # registers sit after cls, no pos
+            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
+        n_prefix = 1 + self.cfg.num_register_tokens
+        taps, routings = {}, []
+        for i, block in enumerate(self.blocks):
+            x, routing = block(x, s)
+            if routing is not None:
+                routings.append(routing)
+            if i in self.cfg.feature_layers:
+                patches = self.norm(x)[:, n_prefix:]                         # (B, h*w, D)
+                taps[i] = patches.transpose(1, 2).reshape(B, -1, h, w)       # (B, D, h, w)
+        return [taps[i] for i in self.cfg.feature_layers], routings
+
+
+def _init_linear(m):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
+
+
+# -----------------------------------------------------------------------------
+# 7. Segmentation head and the Segmenter
+#
+# The paper uses Mask2Former (MSDeformAttn pixel decoder, 9 decoder layers, Hungarian matching). nanosar
+# uses a compact UperNet-style FPN instead: a few hundred thousand to a few million parameters, no custom
+# deformable-attention kernels or matching, per-pixel cross-entropy, and it reads in one screen. The DG
+# protocol freezes the backbone, so the head only has to be a fair, identical probe for every backbone.
+
+
+def conv_gn_relu(c_in, c_out, k):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.GroupNorm(8, c_out), nn.ReLU(inplace=True))
+
+
+class FPNHead(nn.Module):
+    """4 ViT maps at stride p -> pyramid at strides p/4, p/2, p, 2p -> FPN -> fused logits at stride p/4."""
+
+    def __init__(self, in_dim, dim, num_classes):
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(in_dim, dim, 1) for _ in range(4))
+        up2 = lambda: nn.ConvTranspose2d(dim, dim, 2, stride=2)  # noqa: E731
+        # ViTDet-style simple pyramid from a plain ViT: x4, x2, x1, /2
+        self.resample = nn.ModuleList(
+            [nn.Sequential(up2(), nn.GroupNorm(8, dim), nn.GELU(), up2()), up2(), nn.Identity(), nn.MaxPool2d(2)]
+        )
+        self.smooth = nn.ModuleList(conv_gn_relu(dim, dim, 3) for _ in range(4))
+        self.fuse = conv_gn_relu(4 * dim, dim, 3)
+        self.classifier = nn.Conv2d(dim, num_classes, 1)
+
+    def forward(self, features):
+        """features: 4 x (B, D, h, w) -> logits (B, K, 4h, 4w)."""
+        levels = [res(lat(f)) for f, lat, res in zip(features, self.lateral, self.resample)]  # strides p/4..2p
+        for i in range(len(levels) - 1, 0, -1):                         # top-down: coarse adds into fine
+            levels[i - 1] = levels[i - 1] + F.interpolate(levels[i], size=levels[i - 1].shape[-2:], mode="bilinear")
+        size = levels[0].shape[-2:]
+        levels = [F.interpolate(sm(l), size=size, mode="bilinear") for sm, l in zip(self.smooth, levels)]
+        return self.classifier(self.fuse(torch.cat(levels, dim=1)))    # (B, K, 4h, 4w)
+
+
+@dataclass
+class SegmenterOutput:
+    logits: torch.Tensor          # (B, K, H, W) class scores at input resolution
+    aux_loss: torch.Tensor        # () balance_loss_weight * balance_loss + router_z_loss_weight * z_loss
+    balance_loss: torch.Tensor    # () Switch balance loss, mean over MoE blocks (1.0 = uniform)
+    z_loss: torch.Tensor          # () router z-loss, mean over MoE blocks
+    expert_load: torch.Tensor     # (L, E) int64 assignments per expert in each MoE block; (0, 1) when dense
+    descriptors: torch.Tensor     # (B, 3) raw [H_DE (nats), ENL, R_LR] per image
+
+
+def check_input(x, cfg):
+    """Raise ValueError with a clear message unless x: (B, cfg.in_chans, H, W) finite, H and W multiples of p."""
+    names = f" {list(cfg.channels)}" if cfg.channels else ""
+    what = f"{cfg.in_chans} channel(s){names} in unit {cfg.input_unit!r}"
+    if x.ndim != 4 or x.shape[1] != cfg.in_chans:
+        raise ValueError(f"model expects input (B, C, H, W) with {what}; got shape {tuple(x.shape)}")
+    H, W = x.shape[-2:]
+    if H % cfg.patch_size or W % cfg.patch_size:
+        raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {cfg.patch_size}; pad or crop it")
+    if min(H, W) < 2 * cfg.roughness_block:
+        raise ValueError(f"image size {H}x{W} is smaller than 2x2 roughness blocks of {cfg.roughness_block} pixels")
+    if not x.is_meta and not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).sum().item()
+        raise ValueError(f"input has {bad} NaN or infinite values of {x.numel()}; mask or fill them first")
+
+
+class Segmenter(nn.Module):
+    """Descriptors -> physics-guided MoE ViT -> FPN head. (B, C, H, W) in cfg.input_unit -> SegmenterOutput."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = SARViT(cfg)
+        self.head = FPNHead(cfg.embed_dim, cfg.head_dim, cfg.num_classes)
+        mean = torch.tensor(cfg.pixel_mean or [0.0] * cfg.in_chans).view(1, -1, 1, 1)
+        std = torch.tensor(cfg.pixel_std or [1.0] * cfg.in_chans).view(1, -1, 1, 1)
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
+
+    def forward(self, x):
+        check_input(x, self.cfg)
+        cfg = self.cfg
+        s_raw = sar_descriptors(x, cfg)                                        # (B, 3)
+        s = router_features(s_raw, cfg.entropy_bins) if cfg.descriptor_dim else None
+        features, routings = self.backbone((x - self.pixel_mean) / self.pixel_std, s)
+        logits = self.head(features)                                           # (B, K, 4H/p, 4W/p)
+        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear")     # (B, K, H, W)
+        if routings:
+            balance = torch.stack([r.balance_loss for r in routings]).mean()
+            z_loss = torch.stack([r.z_loss for r in routings]).mean()
+            load = torch.stack([r.tokens_per_expert for r in routings])        # (L, E)
+        else:
+            balance = z_loss = logits.new_zeros(())
+            load = torch.zeros(0, 1, dtype=torch.long, device=x.device)
+        aux = cfg.balance_loss_weight * balance + cfg.router_z_loss_weight * z_loss
+        return SegmenterOutput(logits, aux, balance, z_loss, load, s_raw)
+
+    def parameter_counts(self):
+        """Parameters: total, active per token (top_k of n_experts experts), backbone and head split."""
+        total = sum(p.numel() for p in self.parameters())
+        head = sum(p.numel() for p in self.head.parameters())
+        inactive = 0
+        for block in self.backbone.blocks:
+            if isinstance(block.mlp, MoEFFN):
+                expert_params = sum(p.numel() for p in (block.mlp.w1, block.mlp.b1, block.mlp.w2, block.mlp.b2))
+                E = block.mlp.w1.shape[0]
+                inactive += expert_params * (E - block.mlp.top_k) // E
+        return dict(
+            total=total,
+            active=total - inactive,
+            backbone_total=total - head,
+            backbone_active=total - head - inactive,
+            head=head,
+        )
+
+
+# -----------------------------------------------------------------------------
+# 8. Upcycling from a local facebookresearch/dinov2 checkpoint
+#
+# DINOv2 key names (hub checkpoints dinov2_vit{s,b,l}14[_reg4]_pretrain.pth):
+#   cls_token (1,1,D), pos_embed (1,1+37*37,D), mask_token (1,D), register_tokens (1,R,D),
+#   patch_embed.proj.{weight (D,3,14,14), bias}, norm.{weight,bias},
+#   blocks.i.{norm1,norm2}.{weight,bias}, blocks.i.attn.{qkv,proj}.{weight,bias}, blocks.i.ls{1,2}.gamma,
+#   blocks.i.mlp.fc1.{weight (Dh,D), bias}, blocks.i.mlp.fc2.{weight (D,Dh), bias}
+# Training checkpoints may use block chunks (blocks.c.i.*), a "backbone." or "module." prefix, or nest the
+# weights under "model", "teacher", "state_dict": all are accepted.
+
+
+@dataclass
+class UpcycleReport:
+    loaded: list = field(default_factory=list)      # our parameter names filled from the checkpoint
+    adapted: list = field(default_factory=list)     # loaded after a change: "name: what was done"
+    missing: list = field(default_factory=list)     # our backbone tensors the checkpoint did not have
+    unexpected: list = field(default_factory=list)  # checkpoint keys nanosar did not use
+    fresh: list = field(default_factory=list)       # new in nanosar by design: routers, segmentation head
+
+    def __str__(self):
+        lines = [f"loaded {len(self.loaded)} tensors from DINOv2"]
+        for name in ("adapted", "missing", "unexpected"):
+            items = getattr(self, name)
+            lines.append(f"{name} ({len(items)}): " + (", ".join(items) if items else "none"))
+        lines.append(f"initialised fresh by design: {len(self.fresh)} tensors (routers, head)")
+        return "\n".join(lines)
+
+
+def _clean_dinov2_keys(state_dict):
+    for key in ("teacher", "model", "state_dict"):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+    cleaned = {}
+    for k, v in state_dict.items():
+        k = re.sub(r"^(module\.|backbone\.)+", "", k)
+        k = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)  # block chunks: blocks.c.i -> blocks.i
+        cleaned[k] = v
+    return cleaned
+
+
+def adapt_patch_embed(weight, in_chans, patch_size):
+    """(D, 3, p0, p0) RGB patch kernel -> (D, in_chans, p, p) SAR kernel.
+
+    Channels: the paper feeds single-band SAR replicated to 3 channels, and conv(rep(x), w) = conv(x, sum_c w_c),
+    so every SAR channel gets sum_c w_c / in_chans: an input whose channels are all equal to x gives exactly
+    the response of the RGB model to x replicated. Patch size: bicubic resize, scaled by (p0/p)^2 so the
+    response to a smooth input is kept (approximate; FlexiViT's pseudo-inverse resize is exact for that).
+    """
+    w = weight.sum(dim=1, keepdim=True).repeat(1, in_chans, 1, 1) / in_chans  # (D, C, p0, p0)
+    p0 = w.shape[-1]
+    if p0 != patch_size:
+        w = F.interpolate(w.float(), size=(patch_size, patch_size), mode="bicubic", align_corners=False)
+        w = w * (p0 * p0) / (patch_size * patch_size)
+    return w
+
+
+@torch.no_grad()
+def upcycle_from_dinov2(model, state_dict):
+    """Fill model.backbone (a Segmenter's SARViT) from a DINOv2 state dict; every expert = a copy of the FFN.
+
+    Attention, norms, LayerScale, tokens and positions are copied; the patch embedding is adapted to the SAR
+    channels and patch size; the position grid is interpolated to the model's grid. Returns an UpcycleReport
+    listing loaded, adapted, missing and unexpected keys; routers and the head stay freshly initialised.
+    """
+    vit = model.backbone if isinstance(model, Segmenter) else model
+    cfg = vit.cfg
+    src = _clean_dinov2_keys(state_dict)
+    used, report = set(), UpcycleReport()
+    ours = dict(vit.named_parameters())
+
+    def take(key):
+        used.add(key)
+        return src[key]
+
+    for name, param in ours.items():
+        if ".mlp.router." in name:
+            report.fresh.append(name)
+            continue
+        moe = re.match(r"blocks\.(\d+)\.mlp\.(w1|b1|w2|b2)$", name)
+        if moe:  # expert tensors come from the dense fc1/fc2, copied into all E experts
+            i, part = moe.groups()
+            fc, kind = {"w1": ("fc1", "weight"), "b1": ("fc1", "bias"), "w2": ("fc2", "weight"), "b2": ("fc2", "bias")}[part]
+            key = f"blocks.{i}.mlp.{fc}.{kind}"
+            if key not in src:
+                report.missing.append(key)
+                continue
+            value = take(key)
+            value = value.t() if kind == "weight" else value                # Linear (out, in) -> (in, out)
+            param.copy_(value.unsqueeze(0).expand_as(param))
+            report.loaded.append(name)
+            continue
+        if name not in src:
+            report.missing.append(name)
+            continue
+        value = take(name)
+        if name == "patch_embed.proj.weight" and value.shape != param.shape:
+            value = adapt_patch_embed(value, cfg.in_chans, cfg.patch_size)
+            report.adapted.append(f"{name}: {tuple(src[name].shape)} -> {tuple(value.shape)} (RGB sum / C, resize)")
+        elif name == "pos_embed" and value.shape != param.shape:
+            g = int(math.sqrt(param.shape[1] - 1))
+            value = resize_pos_embed(value, g, g)
+            report.adapted.append(f"{name}: {tuple(src[name].shape)} -> {tuple(value.shape)} (bicubic)")
+        if value.shape != param.shape:
+            raise ValueError(f"DINOv2 key {name}: checkpoint shape {tuple(value.shape)} != model {tuple(param.shape)}; "
+                             f"is the preset (embed_dim={cfg.embed_dim}, depth={cfg.depth}) the checkpoint's size?")
+        param.copy_(value)
+        report.loaded.append(name)
+    report.unexpected = sorted(k for k in src if k not in used)
+    if isinstance(model, Segmenter):
+        report.fresh += [f"head.{n}" for n, _ in model.head.named_parameters()]
+    return report
+
+
+# -----------------------------------------------------------------------------
+# `python -m nanosar.model`: a summary of every preset, built on the meta device (no memory, no time)
+
+
+def summary():
+    """Print parameter counts (total and active) of every preset next to the paper's figures."""
+    paper = {"small": "90M / 20M", "base": "300M / 80M", "large": "1.3B / 300M"}
+    print(f"{'preset':8s} {'backbone total':>15s} {'backbone active':>16s} {'head':>9s}   paper (total / active)")
+    for name in PRESETS:
+        with torch.device("meta"):
+            counts = Segmenter(SARConfig.preset(name)).parameter_counts()
+        print(f"{name:8s} {counts['backbone_total'] / 1e6:14.1f}M {counts['backbone_active'] / 1e6:15.1f}M "
+              f"{counts['head'] / 1e6:8.2f}M   {paper.get(name, '-')}")
+
+
+if __name__ == "__main__":
+    summary()

@@ -1,0 +1,475 @@
+"""Tests of nanosar/model.py: presets, parameter arithmetic, routing and dispatch, descriptors, upcycling."""
+
+import math
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanosar.model import (
+    PRESETS,
+    MoEFFN,
+    Mlp,
+    SARConfig,
+    Segmenter,
+    adapt_patch_embed,
+    directional_entropy,
+    dispatch_grouped,
+    dispatch_loop,
+    equivalent_number_of_looks,
+    local_roughness,
+    resize_pos_embed,
+    route,
+    sar_descriptors,
+    sar_magnitude,
+    upcycle_from_dinov2,
+)
+
+# -----------------------------------------------------------------------------
+# config and presets
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(top_k=7), "top_k"),
+        (dict(top_k=0), "top_k"),
+        (dict(in_chans=3), "in_chans"),
+        (dict(input_unit="complex", in_chans=1), "complex"),
+        (dict(input_unit="sigma0"), "input_unit"),
+        (dict(img_size=500), "patch_size"),
+        (dict(num_heads=5), "num_heads"),
+        (dict(descriptor_dim=2), "descriptor_dim"),
+        (dict(moe_dispatch="fast"), "moe_dispatch"),
+        (dict(feature_layers=(0, 1, 2, 12)), "feature_layers"),
+        (dict(channels=("VV", "VH")), "channels"),
+        (dict(pixel_std=(0.0,)), "pixel_std"),
+        (dict(head_dim=12), "head_dim"),
+    ],
+)
+def test_invalid_config_raises(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        SARConfig.preset("small", **overrides)
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(ValueError, match="tiny"):
+        SARConfig.preset("huge")
+
+
+def test_default_feature_layers():
+    assert SARConfig.preset("small").feature_layers == (2, 5, 8, 11)
+    assert SARConfig.preset("large").feature_layers == (5, 11, 17, 23)
+
+
+# -----------------------------------------------------------------------------
+# forward and backward of every preset
+
+
+@pytest.mark.parametrize("name, size", [("tiny", 64), ("small", 112)])
+def test_forward_backward_cpu(name, size):
+    torch.manual_seed(0)
+    cfg = SARConfig.preset(name, input_unit="intensity")
+    model = Segmenter(cfg)
+    x = torch.rand(2, 1, size, size) * 0.1                       # linear intensity
+    out = model(x)
+    assert out.logits.shape == (2, cfg.num_classes, size, size)
+    assert out.expert_load.shape == (cfg.depth, cfg.n_experts)
+    tokens = 2 * (1 + (size // cfg.patch_size) ** 2)
+    assert (out.expert_load.sum(dim=1) == tokens * cfg.top_k).all()
+    (F.cross_entropy(out.logits, torch.randint(0, 7, (2, size, size))) + out.aux_loss).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is None or torch.isfinite(g).all() for g in grads.values())
+    assert grads["backbone.blocks.0.attn.qkv.weight"].abs().sum() > 0
+    assert grads["backbone.blocks.0.mlp.router.linear.weight"].abs().sum() > 0  # through the aux losses
+    assert grads["head.classifier.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["base", "large"])
+def test_forward_backward_meta(name):
+    with torch.device("meta"):
+        model = Segmenter(SARConfig.preset(name)).to(torch.bfloat16)
+        x = torch.empty(2, 1, 512, 512, dtype=torch.bfloat16)
+        out = model(x)
+        (out.logits.float().mean() + out.aux_loss).backward()
+    cfg = model.cfg
+    assert out.logits.shape == (2, 7, 512, 512)
+    assert model.backbone.blocks[-1].mlp.w1.grad.shape == (6, cfg.embed_dim, 4 * cfg.embed_dim)
+
+
+def test_dense_variant_and_registers_and_drop_path():
+    cfg = SARConfig.preset("tiny", n_experts=1, num_register_tokens=4, drop_path_rate=0.2)
+    model = Segmenter(cfg).train()
+    out = model(torch.randn(2, 1, 64, 64))
+    assert isinstance(model.backbone.blocks[0].mlp, Mlp)
+    assert out.aux_loss.item() == 0.0 and out.expert_load.shape == (0, 1)
+    out.logits.sum().backward()
+    assert model.backbone.register_tokens.grad.abs().sum() > 0
+
+
+def test_bf16_autocast_matches_fp32():
+    torch.manual_seed(0)
+    model = Segmenter(SARConfig.preset("tiny")).eval()
+    x = torch.randn(2, 1, 64, 64) * 3 - 12                    # dB
+    with torch.no_grad():
+        ref = model(x).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x).logits
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+# -----------------------------------------------------------------------------
+# parameter counts against the arithmetic of the architecture
+
+
+def architecture_arithmetic(cfg):
+    """Parameter counts from the formulas (independent of the modules): (backbone total, backbone active)."""
+    D, Dh, E, k, C, p = cfg.embed_dim, cfg.hidden_dim, cfg.n_experts, cfg.top_k, cfg.in_chans, cfg.patch_size
+    grid = cfg.img_size // p
+    embed = C * p * p * D + D + D + (1 + grid * grid) * D + cfg.num_register_tokens * D  # patch, cls, pos, reg
+    attention = 3 * D * D + 3 * D + D * D + D
+    norms_and_scales = 2 * 2 * D + 2 * D
+    expert = D * Dh + Dh + Dh * D + D
+    router = (D + cfg.descriptor_dim) * E + E
+    block_total = attention + norms_and_scales + E * expert + router
+    block_active = block_total - (E - k) * expert
+    final_norm = 2 * D
+    return (embed + cfg.depth * block_total + final_norm, embed + cfg.depth * block_active + final_norm)
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_parameter_counts_match_arithmetic(name):
+    cfg = SARConfig.preset(name)
+    with torch.device("meta"):
+        counts = Segmenter(cfg).parameter_counts()
+    total, active = architecture_arithmetic(cfg)
+    print(f"{name}: backbone {counts['backbone_total'] / 1e6:.1f}M total, "
+          f"{counts['backbone_active'] / 1e6:.1f}M active, head {counts['head'] / 1e6:.2f}M")
+    assert counts["backbone_total"] == total
+    assert counts["backbone_active"] == active
+    assert counts["total"] == counts["backbone_total"] + counts["head"]
+
+
+@pytest.mark.parametrize("name, paper_total, paper_active", [("small", 90e6, 20e6), ("large", 1.3e9, 300e6)])
+def test_parameter_counts_near_paper(name, paper_total, paper_active):
+    with torch.device("meta"):
+        counts = Segmenter(SARConfig.preset(name)).parameter_counts()
+    assert abs(counts["backbone_total"] / paper_total - 1) < 0.10
+    assert abs(counts["backbone_active"] / paper_active - 1) < 0.10
+
+
+def test_base_is_370M_not_300M():
+    """6 full-size experts on ViT-B: ~370M total (the paper quotes 300M), active = dense ViT-B ~86M."""
+    with torch.device("meta"):
+        counts = Segmenter(SARConfig.preset("base")).parameter_counts()
+    assert 360e6 < counts["backbone_total"] < 380e6
+    assert 84e6 < counts["backbone_active"] < 88e6
+
+
+# -----------------------------------------------------------------------------
+# routing, losses, dispatch
+
+
+def test_gates_sum_to_one_and_top1_gate_is_one():
+    logits = torch.randn(100, 6)
+    for k in (1, 2, 3):
+        r = route(logits, k)
+        assert r.expert_idx.shape == (100, k) and torch.allclose(r.gates.sum(-1), torch.ones(100))
+        assert (r.expert_idx[:, 0] == logits.argmax(-1)).all()
+        assert r.tokens_per_expert.sum() == 100 * k
+    assert (route(logits, 1).gates == 1.0).all()
+
+
+def test_balance_loss_uniform_is_one_and_grows_under_collapse():
+    E, T = 6, 600
+    preferred = torch.arange(T) % E
+    losses = []
+    for margin in (1e-4, 1.0, 3.0, 10.0):
+        logits = torch.zeros(T, E)
+        logits[torch.arange(T), preferred] = 1e-4              # each expert gets T/E tokens, p ~ 1/E
+        logits[:, 0] += margin - 1e-4 if margin > 1e-4 else 0  # then push everything towards expert 0
+        losses.append(route(logits, 1).balance_loss.item())
+    assert losses[0] == pytest.approx(1.0, abs=1e-3)
+    assert all(a < b for a, b in zip(losses, losses[1:]))
+    assert losses[-1] == pytest.approx(E, rel=1e-3)             # f_0 = 1, p_0 ~ 1: loss -> E
+
+
+def test_z_loss_golden():
+    assert route(torch.zeros(10, 6), 1).z_loss.item() == pytest.approx(math.log(6) ** 2, rel=1e-6)
+
+
+def random_experts(E, D, Dh, dtype=torch.float64):
+    g = torch.Generator().manual_seed(E)
+    return [(torch.randn(*shape, generator=g, dtype=dtype) * 0.3).requires_grad_()
+            for shape in ((E, D, Dh), (E, Dh), (E, Dh, D), (E, D))]
+
+
+@pytest.mark.parametrize("E, k, T", [(1, 1, 7), (6, 1, 33), (6, 2, 33), (64, 2, 50), (16, 1, 5)])
+def test_grouped_dispatch_equals_loop(E, k, T):
+    """Values and gradients (x, gates, all expert weights) agree; includes experts that receive no tokens."""
+    torch.manual_seed(0)
+    D, Dh = 8, 12
+    x = torch.randn(T, D, dtype=torch.float64, requires_grad=True)
+    r = route(torch.randn(T, E), k)
+    gates = r.gates.double().requires_grad_()
+    weights = random_experts(E, D, Dh)
+    outputs, grads = [], []
+    for dispatch in (dispatch_loop, dispatch_grouped):
+        y = dispatch(x, r.expert_idx, gates, *weights)
+        g = torch.autograd.grad((y * torch.linspace(-1, 1, D, dtype=y.dtype)).sum(), [x, gates, *weights],
+                                allow_unused=False)
+        outputs.append(y)
+        grads.append(g)
+    torch.testing.assert_close(outputs[0], outputs[1])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    if E > T:
+        assert (r.tokens_per_expert == 0).any()
+
+
+def test_dispatch_golden_value():
+    """Two experts that scale by 2 and 3 (identity FFN weights through GELU on positive inputs)."""
+    D = 2
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    w1 = torch.stack([torch.eye(D), torch.eye(D)]) * 10         # gelu(10 x) ~ 10 x for x >= 1
+    w2 = torch.stack([torch.eye(D) * 0.2, torch.eye(D) * 0.3])
+    b1, b2 = torch.zeros(2, D), torch.zeros(2, D)
+    idx, gates = torch.tensor([[0, 1], [1, 0]]), torch.tensor([[0.25, 0.75], [1.0, 0.0]])
+    for dispatch in (dispatch_loop, dispatch_grouped):
+        y = dispatch(x, idx, gates, w1, b1, w2, b2)
+        torch.testing.assert_close(y, torch.tensor([[2.75, 5.5], [9.0, 12.0]]))
+
+
+def test_moe_with_one_expert_equals_dense_ffn():
+    torch.manual_seed(0)
+    D, Dh = 16, 64
+    dense = Mlp(D, Dh)
+    for dispatch in ("loop", "grouped"):
+        moe = MoEFFN(D, Dh, n_experts=1, top_k=1, descriptor_dim=3, dispatch=dispatch)
+        with torch.no_grad():
+            moe.w1.copy_(dense.fc1.weight.t()[None])
+            moe.b1.copy_(dense.fc1.bias[None])
+            moe.w2.copy_(dense.fc2.weight.t()[None])
+            moe.b2.copy_(dense.fc2.bias[None])
+        z = torch.randn(2, 10, D)
+        y, routing = moe(z, torch.randn(2, 3))
+        torch.testing.assert_close(y, dense(z))
+        assert routing.balance_loss.item() == pytest.approx(1.0)
+
+
+def test_router_uses_descriptors():
+    """Same tokens, different descriptors -> different routing (the physics term reaches the logits)."""
+    torch.manual_seed(0)
+    moe = MoEFFN(8, 16, n_experts=6, top_k=1, descriptor_dim=3)
+    with torch.no_grad():
+        moe.router.linear.weight[:, 8:] = torch.randn(6, 3) * 10
+    z = torch.randn(1, 50, 8).expand(2, -1, -1)
+    _, routing = moe(z, torch.tensor([[0.0, 0.0, 0.0], [1.0, -2.0, 3.0]]))
+    idx = routing.expert_idx.view(2, 50)
+    assert (idx[0] != idx[1]).any()
+
+
+# -----------------------------------------------------------------------------
+# descriptors: golden values
+
+
+def test_db_to_linear_magnitude():
+    x = torch.full((1, 1, 4, 4), -20.0)
+    assert torch.allclose(sar_magnitude(x, "db"), torch.full((1, 4, 4), 0.01))
+    c = torch.stack([torch.full((4, 4), 3.0), torch.full((4, 4), 4.0)])[None]
+    assert torch.allclose(sar_magnitude(c, "complex"), torch.full((1, 4, 4), 5.0))
+
+
+@pytest.mark.parametrize("looks", [1, 4, 10])
+def test_enl_of_gamma_speckle_is_the_number_of_looks(looks):
+    """L-look intensity speckle ~ Gamma(L, mean/L): ENL on linear intensity ~ L."""
+    gamma = torch.distributions.Gamma(torch.tensor(float(looks)), torch.tensor(float(looks)))
+    torch.manual_seed(looks)
+    intensity = 0.01 * gamma.sample((4, 256, 256))             # (B, H, W), mean sigma0 = 0.01 (-20 dB)
+    enl = equivalent_number_of_looks(intensity)
+    assert torch.allclose(enl, torch.full((4,), float(looks)), rtol=0.05)
+    # the paper computes it after log(1+|x|): for small linear intensities log1p ~ identity, ENL stays ~ L
+    # (+2% at a mean of 0.01 and 1 look, +9% at 0.05: the log shrinks the bright tail)
+    assert torch.allclose(equivalent_number_of_looks(torch.log1p(intensity)), enl, rtol=0.05)
+    # for DN-scale values (x ~ 1000) log compresses the spread: a texture statistic far above L
+    assert (equivalent_number_of_looks(torch.log1p(1e4 * intensity)) > 10 * looks).all()
+
+
+def test_directional_entropy_isotropic_noise_is_maximal():
+    torch.manual_seed(0)
+    noise = torch.log1p(torch.distributions.Exponential(1.0).sample((2, 128, 128)))
+    h = directional_entropy(noise, 18)
+    assert (h > 0.99 * math.log(18)).all() and (h <= math.log(18) + 1e-6).all()
+
+
+@pytest.mark.parametrize("angle_deg", [0, 45, 90])
+def test_directional_entropy_straight_edge_is_small(angle_deg):
+    yy, xx = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    a = math.radians(angle_deg)
+    edge = ((xx - 32) * math.cos(a) + (yy - 32) * math.sin(a) > 0).float()[None]  # one straight edge
+    assert directional_entropy(edge, 18).item() < 0.1 * math.log(18)
+    assert directional_entropy(torch.zeros(1, 16, 16), 18).item() == 0.0
+
+
+def test_local_roughness_golden_values():
+    assert local_roughness(torch.full((2, 32, 32), 3.7), 8).abs().max().item() < 1e-10
+    halves = torch.zeros(1, 4, 4)
+    halves[:, :, 2:] = 1.0                                      # 2x2 blocks with means 0, 1, 0, 1
+    assert local_roughness(halves, 2).item() == pytest.approx(0.25)
+    torch.manual_seed(0)
+    speckle = torch.distributions.Exponential(1.0).sample((1, 64, 64))
+    patchy = speckle * torch.where(torch.rand(1, 4, 4) > 0.5, 4.0, 0.25).repeat_interleave(16, 1).repeat_interleave(16, 2)
+    assert local_roughness(patchy, 16).item() > 10 * local_roughness(speckle, 16).item()
+
+
+def test_sar_descriptors_batched_and_per_image():
+    cfg = SARConfig.preset("tiny", input_unit="intensity")
+    x = torch.rand(3, 1, 64, 64)
+    s = sar_descriptors(x, cfg)
+    assert s.shape == (3, 3)
+    torch.testing.assert_close(s[1:2], sar_descriptors(x[1:2], cfg))  # no leakage across the batch
+
+
+# -----------------------------------------------------------------------------
+# upcycling from DINOv2
+
+
+def fake_dinov2_state_dict(D=64, depth=2, Dh=256, patch=14, grid=37, registers=0, seed=0):
+    """A state dict with facebookresearch/dinov2 key names and shapes (vit_* with ffn_layer='mlp')."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.05  # noqa: E731
+    sd = {
+        "cls_token": r(1, 1, D),
+        "pos_embed": r(1, 1 + grid * grid, D),
+        "mask_token": r(1, D),
+        "patch_embed.proj.weight": r(D, 3, patch, patch),
+        "patch_embed.proj.bias": r(D),
+        "norm.weight": 1 + r(D),
+        "norm.bias": r(D),
+    }
+    if registers:
+        sd["register_tokens"] = r(1, registers, D)
+    for i in range(depth):
+        b = f"blocks.{i}."
+        sd.update({
+            b + "norm1.weight": 1 + r(D), b + "norm1.bias": r(D),
+            b + "attn.qkv.weight": r(3 * D, D), b + "attn.qkv.bias": r(3 * D),
+            b + "attn.proj.weight": r(D, D), b + "attn.proj.bias": r(D),
+            b + "ls1.gamma": 0.5 + r(D),
+            b + "norm2.weight": 1 + r(D), b + "norm2.bias": r(D),
+            b + "mlp.fc1.weight": r(Dh, D) * 10, b + "mlp.fc1.bias": r(Dh),
+            b + "mlp.fc2.weight": r(D, Dh) * 10, b + "mlp.fc2.bias": r(D),
+            b + "ls2.gamma": 0.5 + r(D),
+        })
+    return sd
+
+
+def tiny_dinov2_config(**overrides):
+    return SARConfig(**{**dict(img_size=56, patch_size=14, embed_dim=64, depth=2, num_heads=2, head_dim=32,
+                               roughness_block=8, feature_layers=(0, 1, 1, 1)), **overrides})
+
+
+def test_upcycle_loads_dinov2_keys_and_reports():
+    sd = fake_dinov2_state_dict()
+    model = Segmenter(tiny_dinov2_config())
+    report = upcycle_from_dinov2(model, sd)
+    assert report.missing == []
+    assert report.unexpected == ["mask_token"]
+    assert any(a.startswith("pos_embed") for a in report.adapted)              # 37x37 -> 4x4 grid
+    assert any(a.startswith("patch_embed.proj.weight") for a in report.adapted)  # 3 -> 1 channel
+    assert any("router" in n for n in report.fresh) and any(n.startswith("head.") for n in report.fresh)
+    blk = model.backbone.blocks[1]
+    for e in range(6):
+        torch.testing.assert_close(blk.mlp.w1[e], sd["blocks.1.mlp.fc1.weight"].t())
+        torch.testing.assert_close(blk.mlp.w2[e], sd["blocks.1.mlp.fc2.weight"].t())
+        torch.testing.assert_close(blk.mlp.b2[e], sd["blocks.1.mlp.fc2.bias"])
+    torch.testing.assert_close(blk.attn.qkv.weight, sd["blocks.1.attn.qkv.weight"])
+    torch.testing.assert_close(blk.ls2.gamma, sd["blocks.1.ls2.gamma"])
+    assert "mask_token" in str(report)
+
+
+def test_upcycle_accepts_chunked_and_prefixed_keys():
+    sd = fake_dinov2_state_dict()
+
+    def chunked_key(k):  # block-chunked training checkpoints: here chunk i holds block i -> blocks.i.i.*
+        m = re.match(r"blocks\.(\d+)\.(.*)", k)
+        return f"backbone.blocks.{m[1]}.{m[1]}.{m[2]}" if m else "backbone." + k
+
+    chunked = {"teacher": {chunked_key(k): v for k, v in sd.items()}}
+    model = Segmenter(tiny_dinov2_config())
+    report = upcycle_from_dinov2(model, chunked)
+    assert report.missing == [] and report.unexpected == ["mask_token"]
+    torch.testing.assert_close(model.backbone.blocks[1].attn.proj.weight, sd["blocks.1.attn.proj.weight"])
+
+
+def test_upcycle_wrong_size_is_a_clear_error():
+    with pytest.raises(ValueError, match="embed_dim"):
+        upcycle_from_dinov2(Segmenter(tiny_dinov2_config(embed_dim=96, num_heads=3)), fake_dinov2_state_dict())
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_upcycled_moe_equals_dense_dinov2_vit(top_k):
+    """Every expert is the DINOv2 FFN, so any routing gives the output of the dense DINOv2-layout ViT."""
+    torch.manual_seed(0)
+    sd = fake_dinov2_state_dict(registers=4)
+    moe = Segmenter(tiny_dinov2_config(top_k=top_k, num_register_tokens=4, input_unit="intensity")).eval()
+    dense = Segmenter(tiny_dinov2_config(n_experts=1, num_register_tokens=4, input_unit="intensity")).eval()
+    report = upcycle_from_dinov2(moe, sd)
+    assert report.missing == [] and report.unexpected == ["mask_token"]
+    upcycle_from_dinov2(dense, sd)
+    dense.head.load_state_dict(moe.head.state_dict())
+    with torch.no_grad():
+        for block in moe.backbone.blocks:                      # any routing: large random router weights
+            block.mlp.router.linear.weight.normal_(std=5.0)
+    x = torch.rand(3, 1, 56, 56) * 0.2
+    with torch.no_grad():
+        out = moe(x)
+        ref = dense(x)
+    assert (out.expert_load > 0).sum(dim=1).min() >= 2           # tokens really went to several experts
+    torch.testing.assert_close(out.logits, ref.logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("in_chans", [1, 2, 4])
+def test_adapted_patch_embed_equals_rgb_model_on_replicated_band(in_chans):
+    """The paper feeds one SAR band replicated to RGB; the adapted kernel on C equal bands gives the same."""
+    torch.manual_seed(0)
+    w, band = torch.randn(8, 3, 14, 14), torch.randn(2, 1, 28, 28)
+    rgb = F.conv2d(band.repeat(1, 3, 1, 1), w, stride=14)
+    sar = F.conv2d(band.repeat(1, in_chans, 1, 1), adapt_patch_embed(w, in_chans, 14), stride=14)
+    torch.testing.assert_close(sar, rgb, rtol=1e-4, atol=1e-4)
+
+
+def test_adapt_patch_embed_resize_keeps_the_response_to_a_constant_input():
+    torch.manual_seed(0)
+    w = F.interpolate(torch.randn(8, 3, 4, 4), size=(14, 14), mode="bilinear")  # smooth, like trained kernels
+    w16 = adapt_patch_embed(w, 2, 16)
+    assert w16.shape == (8, 2, 16, 16)
+    # a constant image of value 1 on all channels: the RGB response is sum(w); the adapted one ~ the same
+    torch.testing.assert_close(w16.sum(dim=(1, 2, 3)), w.sum(dim=(1, 2, 3)), rtol=0.03, atol=0.03)
+
+
+def test_resize_pos_embed_identity_and_shape():
+    pos = torch.randn(1, 1 + 16, 8)
+    assert resize_pos_embed(pos, 4, 4) is pos
+    assert resize_pos_embed(pos, 6, 3).shape == (1, 1 + 18, 8)
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+
+def test_bad_input_gives_clear_errors():
+    model = Segmenter(SARConfig.preset("tiny", in_chans=2, channels=("VV", "VH")))
+    with pytest.raises(ValueError, match=r"2 channel\(s\) \['VV', 'VH'\].*got shape \(1, 1, 64, 64\)"):
+        model(torch.zeros(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="multiple of the patch size 8"):
+        model(torch.zeros(1, 2, 60, 64))
+    x = torch.zeros(1, 2, 64, 64)
+    x[0, 1, 3, 3] = float("nan")
+    x[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="2 NaN or infinite"):
+        model(x)
+    with pytest.raises(ValueError, match="roughness blocks"):
+        model(torch.zeros(1, 2, 8, 8))
