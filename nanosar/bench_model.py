@@ -4,10 +4,10 @@ Benchmark of nanosar/model.py (a script, not a test): prints figures, measured i
     python -m nanosar.bench_model                      # CPU: small sizes, a few seconds
     python -m nanosar.bench_model --device=cuda        # GPU: 512x512 bf16, small and large presets
 
-1. Forward tiles/s and peak memory of each preset, with the loop reference and the grouped dispatch,
-   next to a dense ViT of the same active size (n_experts=1).
+1. Forward tiles/s and peak memory of each preset with each dispatch, next to a dense ViT of the same
+   active size (n_experts=1).
 2. One MoE FFN layer (E experts, top-k) against a dense FFN with the same active FLOPs (hidden k*Dh),
-   forward and forward+backward, for both dispatches.
+   forward and forward+backward, for each dispatch (loop, grouped, and the extension's kernels if built).
 """
 
 import argparse
@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from nanosar import moe_ops
 from nanosar.model import Mlp, MoEFFN, SARConfig, Segmenter
 
 
@@ -48,14 +49,22 @@ def peak_memory_gib(device, fn):
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
+def moe_variants(device):
+    """MoE dispatch variants to compare: the two references, and the extension's kernels when built."""
+    variants = ["loop", "grouped"]
+    if moe_ops.extension_for(torch.empty(0, device=device)) is not None:
+        variants.append("kernels")
+    return variants
+
+
 def bench_presets(args, device, dtype):
     print(f"\n== forward, {args.size}x{args.size}, batch {args.batch}, {dtype}, {device.type} ==")
     print(f"{'preset':8s} {'variant':14s} {'tiles/s':>9s} {'vs dense':>9s} {'peak GiB':>9s}")
     for name in args.presets:
         x = torch.randn(args.batch, 1, args.size, args.size, device=device) * 3 - 12  # sigma0 in dB
         dense_rate = None
-        for variant, overrides in (("dense", dict(n_experts=1)), ("moe-loop", dict(moe_dispatch="loop")),
-                                   ("moe-grouped", dict(moe_dispatch="grouped"))):
+        variants = [("dense", dict(n_experts=1))] + [(f"moe-{v}", dict(moe_dispatch=v)) for v in moe_variants(device)]
+        for variant, overrides in variants:
             model = Segmenter(SARConfig.preset(name, **overrides)).to(device).eval()
 
             def forward():
@@ -74,28 +83,33 @@ def bench_presets(args, device, dtype):
 
 
 def bench_moe_layer(args, device, dtype):
-    T, D, Dh, E = args.tokens, args.width, 4 * args.width, args.experts
-    print(f"\n== one FFN layer: T={T} tokens, D={D}, Dh={Dh}, E={E}, {dtype}, {device.type} ==")
-    print(f"{'top-k':5s} {'layer':14s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} {'fwd vs dense':>13s} {'f+b vs dense':>13s}")
-    for k in (1, 2):
-        z = torch.randn(1, T, D, device=device, dtype=dtype, requires_grad=True)
-        s = torch.randn(1, 3, device=device)
-        layers = {"dense(k*Dh)": Mlp(D, k * Dh)}
-        for dispatch in ("loop", "grouped"):
-            layers[f"moe-{dispatch}"] = MoEFFN(D, Dh, E, k, descriptor_dim=3, dispatch=dispatch)
-        base = None
-        for label, layer in layers.items():
-            layer = layer.to(device, dtype)
-            run = (lambda: layer(z)) if isinstance(layer, Mlp) else (lambda: layer(z, s)[0])
+    T, D, Dh = args.tokens, args.width, 4 * args.width
+    print(f"\n== one FFN layer: T={T} tokens, D={D}, Dh={Dh}, {dtype}, {device.type}; dense FFN has hidden k*Dh ==")
+    print(f"{'E':>3s} {'k':>2s} {'layer':14s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} {'fwd vs dense':>13s} {'f+b vs dense':>13s}")
+    for E in args.experts:
+        for k in (1, 2):
+            z = torch.randn(1, T, D, device=device, dtype=dtype, requires_grad=True)
+            s = torch.randn(1, 3, device=device)
+            layers = {"dense": Mlp(D, k * Dh)}
+            for dispatch in moe_variants(device):
+                layers[f"moe-{dispatch}"] = MoEFFN(D, Dh, E, k, descriptor_dim=3, dispatch=dispatch)
+            base = None
+            for label, layer in layers.items():
+                layer = layer.to(device, dtype)
+                run = (lambda: layer(z)) if isinstance(layer, Mlp) else (lambda: layer(z, s)[0])
 
-            def forward_backward():
-                run().float().square().mean().backward()
+                def forward_backward():
+                    run().float().square().mean().backward()
 
-            with torch.no_grad():
-                fwd = time_call(run, device, reps=args.reps)
-            fb = time_call(forward_backward, device, reps=args.reps)
-            base = base or (fwd, fb)
-            print(f"{k:<5d} {label:14s} {fwd * 1e3:8.2f} {fb * 1e3:11.2f} {fwd / base[0]:12.2f}x {fb / base[1]:12.2f}x")
+                with torch.no_grad():
+                    fwd = time_call(run, device, reps=args.reps)
+                fb = time_call(forward_backward, device, reps=args.reps)
+                base = base or (fwd, fb)
+                print(f"{E:3d} {k:2d} {label:14s} {fwd * 1e3:8.2f} {fb * 1e3:11.2f} {fwd / base[0]:12.2f}x "
+                      f"{fb / base[1]:12.2f}x")
+                del layer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
 
 def main():
@@ -107,7 +121,7 @@ def main():
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default fp32 cpu, bf16 cuda")
     parser.add_argument("--tokens", type=int, default=None, help="MoE layer tokens; default 2048 (cpu), 32768 (cuda)")
     parser.add_argument("--width", type=int, default=None, help="MoE layer width D; default 256 (cpu), 1024 (cuda)")
-    parser.add_argument("--experts", type=int, default=6)
+    parser.add_argument("--experts", type=int, nargs="+", default=None, help="default 6 (cpu), 6 16 64 (cuda)")
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -117,6 +131,7 @@ def main():
     args.batch = args.batch or (32 if gpu else 2)
     args.tokens = args.tokens or (32768 if gpu else 2048)
     args.width = args.width or (1024 if gpu else 256)
+    args.experts = args.experts or ([6, 16, 64] if gpu else [6])
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
     if gpu:
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")

@@ -24,11 +24,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanosar import moe_ops
+
 # -----------------------------------------------------------------------------
 # 1. Configuration
 
 
 INPUT_UNITS = ("intensity", "amplitude", "db", "complex")
+MOE_DISPATCH = ("auto", "kernels", "grouped", "loop")
 
 
 @dataclass
@@ -59,7 +62,7 @@ class SARConfig:
     roughness_block: int = 16         # block size in pixels for the local roughness
     balance_loss_weight: float = 0.005  # Switch load-balance loss weight (paper: 0.005)
     router_z_loss_weight: float = 0.001  # ST-MoE router z-loss weight (not in the paper; 0 disables)
-    moe_dispatch: str = "grouped"     # "grouped" (sorted, one grouped matmul) or "loop" (the reference)
+    moe_dispatch: str = "auto"        # "auto" (extension if built, else "grouped"), "kernels", "grouped" or "loop"
     # segmentation head
     num_classes: int = 7
     head_dim: int = 256
@@ -100,8 +103,8 @@ class SARConfig:
             bad(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
         if self.layerscale_init < 0 or self.balance_loss_weight < 0 or self.router_z_loss_weight < 0:
             bad("layerscale_init and the loss weights must be >= 0")
-        if self.moe_dispatch not in ("grouped", "loop"):
-            bad(f"moe_dispatch must be 'grouped' or 'loop', got {self.moe_dispatch!r}")
+        if self.moe_dispatch not in MOE_DISPATCH:
+            bad(f"moe_dispatch must be one of {MOE_DISPATCH}, got {self.moe_dispatch!r}")
         if self.num_classes < 1 or self.head_dim < 8 or self.head_dim % 8:
             bad(f"num_classes must be >= 1 and head_dim a positive multiple of 8, got {self.head_dim}")
         layers = tuple(self.feature_layers) or self.default_feature_layers()
@@ -309,23 +312,40 @@ def tokens_per_expert(expert_idx, n_experts):
     return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def route(logits, top_k):
-    """Router logits (T, E) -> Routing. Softmax in float32, top-k, gates renormalised over the chosen k.
+def gating(logits, top_k):
+    """Reference gating (csrc/gating*.c* are its kernels). logits: (T, E) -> expert_idx (T, k) int64,
+    gates (T, k), tokens per expert (E,) int64, mean probability per expert (E,), z-loss ().
 
-    With k = 1 every gate is exactly 1 (so an upcycled model reproduces the dense FFN whatever the
-    routing) and the router learns only through the balance and z losses, as in the paper.
+    Softmax and everything after it run in float32 (float64 for float64 logits). The top k are the
+    largest logits, ties going to the lower expert id (a stable sort), and the gates are their
+    probabilities renormalised over the k. With k = 1 every gate is exactly 1 (so an upcycled model
+    reproduces the dense FFN whatever the routing) and the router learns only through the balance and
+    z losses, as in the paper.
     """
-    logits = logits.float()
-    T, E = logits.shape
-    probs = logits.softmax(dim=-1)                               # (T, E)
-    top_probs, expert_idx = probs.topk(top_k, dim=-1)            # (T, k), (T, k)
-    gates = top_probs / top_probs.sum(dim=-1, keepdim=True)      # (T, k), rows sum to 1
-    counts = tokens_per_expert(expert_idx, E)                    # (E,)
-    fraction_routed = counts.float() / (T * top_k)               # f_e: share of assignments, no gradient
-    mean_prob = probs.mean(dim=0)                                # p_e: mean router probability
-    balance_loss = E * (fraction_routed * mean_prob).sum()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    probs = logits.softmax(dim=-1)                                                  # (T, E)
+    expert_idx = logits.sort(dim=-1, descending=True, stable=True).indices[:, :top_k]  # (T, k)
+    top_probs = probs.gather(1, expert_idx)                                         # (T, k)
+    gates = top_probs / top_probs.sum(dim=-1, keepdim=True)                         # rows sum to 1
+    counts = tokens_per_expert(expert_idx, logits.shape[1])                         # (E,)
     z_loss = torch.logsumexp(logits, dim=-1).pow(2).mean()
-    return Routing(expert_idx, gates, balance_loss, z_loss, counts)
+    return expert_idx, gates, counts, probs.mean(dim=0), z_loss
+
+
+def switch_balance_loss(counts, mean_prob):
+    """Switch Transformer load-balance loss E * sum_e f_e p_e from counts (E,) and mean_prob (E,).
+
+    f_e = share of the assignments that went to expert e (no gradient), p_e = mean router probability.
+    Equals 1 when routing is uniform and E when every token goes to one expert with probability 1.
+    """
+    fraction_routed = counts.to(mean_prob.dtype) / counts.sum()
+    return mean_prob.numel() * (fraction_routed * mean_prob).sum()
+
+
+def route(logits, top_k, gating_fn=gating):
+    """Router logits (T, E) -> Routing, with gating_fn the reference above or the extension's kernel."""
+    expert_idx, gates, counts, mean_prob, z_loss = gating_fn(logits, top_k)
+    return Routing(expert_idx, gates, switch_balance_loss(counts, mean_prob), z_loss, counts)
 
 
 class PhysicsRouter(nn.Module):
@@ -402,29 +422,69 @@ def grouped_expert_ffn(x_sorted, expert_of_row, counts, w1, b1, w2, b2):
     return torch.cat([expert_ffn(xs, w1[e], b1[e], w2[e], b2[e]) for e, xs in enumerate(slices)])
 
 
-def dispatch_grouped(x, expert_idx, gates, w1, b1, w2, b2):
-    """Sorted dispatch (the megablocks decomposition): permute, grouped FFN, un-permute and combine.
+def permute(x, expert_idx, n_experts):
+    """Reference permute (csrc/permute*.c*): copy token rows into an expert-contiguous buffer.
+
+    x: (T, D), expert_idx: (T, k) int64 -> x_sorted (T*k, D), order (T*k,) int64, counts (E,) int64.
+    Assignment a = t*k + j is token t's j-th expert; sorted row r holds assignment order[r], rows of
+    expert e are counts[:e].sum() ... counts[:e+1].sum() - 1, in token order within an expert (stable).
+    """
+    k = expert_idx.shape[1]
+    order = torch.argsort(expert_idx.reshape(-1), stable=True)     # (T*k,) assignments grouped by expert
+    return x[order // k], order, tokens_per_expert(expert_idx, n_experts)
+
+
+def combine(expert_out, gates, order):
+    """Reference combine (csrc/combine*.c*): gated sum of each token's k expert outputs, in token order.
+
+    expert_out: (T*k, D) rows in sorted order, gates: (T, k), order: (T*k,) from permute -> y (T, D)
+    with y[t] = sum_j gates[t, j] * expert_out[row of assignment t*k + j].
+    """
+    T, k = gates.shape
+    weighted = expert_out * gates.reshape(-1)[order, None].to(expert_out.dtype)  # (T*k, D)
+    return expert_out.new_zeros(T, expert_out.shape[1]).index_add(0, order // k, weighted)
+
+
+def dispatch_grouped(x, expert_idx, gates, w1, b1, w2, b2, permute=permute, combine=combine):
+    """Sorted dispatch (the megablocks decomposition): permute, grouped FFN, combine.
 
     x: (T, D), expert_idx: (T, k) int64, gates: (T, k) -> (T, D). Same result as dispatch_loop.
+    permute and combine are the references above or the extension's kernels (dispatch_kernels).
     """
-    T, k = expert_idx.shape
-    flat_expert = expert_idx.reshape(-1)                        # (T*k,) assignment a = t*k + j
-    order = torch.argsort(flat_expert, stable=True)             # (T*k,) assignments grouped by expert
-    token_of_row = order // k                                   # (T*k,) source token of each sorted row
-    counts = tokens_per_expert(expert_idx, w1.shape[0])         # (E,)
-    x_sorted = x[token_of_row]                                  # (T*k, D) permute (scatter to experts)
-    out = grouped_expert_ffn(x_sorted, flat_expert[order], counts, w1, b1, w2, b2)  # (T*k, D)
-    out = out * gates.reshape(-1)[order, None].to(out.dtype)    # (T*k, D) gated
-    return torch.zeros_like(x).index_add(0, token_of_row, out)  # (T, D) combine back in token order
+    x_sorted, order, counts = permute(x, expert_idx, w1.shape[0])                # (T*k, D), (T*k,), (E,)
+    expert_of_row = expert_idx.reshape(-1)[order]                                # (T*k,)
+    out = grouped_expert_ffn(x_sorted, expert_of_row, counts, w1, b1, w2, b2)    # (T*k, D)
+    return combine(out, gates, order)                                            # (T, D)
 
 
-DISPATCH = {"loop": dispatch_loop, "grouped": dispatch_grouped}
+def dispatch_kernels(x, expert_idx, gates, w1, b1, w2, b2):
+    """dispatch_grouped with the permute and combine kernels of the C++/CUDA extension (nanosar.moe_ops)."""
+    return dispatch_grouped(x, expert_idx, gates, w1, b1, w2, b2, permute=moe_ops.permute, combine=moe_ops.combine)
+
+
+def moe_functions(choice, x):
+    """The (gating, dispatch) pair for SARConfig.moe_dispatch on x's device.
+
+    "loop" and "grouped" are the pure-PyTorch references. "kernels" uses the extension and fails if it
+    is not built; "auto" uses it when it is built for x's device (CUDA kernels on CUDA tensors, C++ on
+    CPU tensors) and falls back to "grouped" otherwise (and always on the meta device).
+    """
+    if choice == "loop":
+        return gating, dispatch_loop
+    if choice == "grouped":
+        return gating, dispatch_grouped
+    if moe_ops.extension_for(x) is not None:
+        return moe_ops.gating, dispatch_kernels
+    if choice == "kernels":
+        raise RuntimeError(f"moe_dispatch='kernels' but the nanosar extension has no {x.device.type} ops: "
+                           f"{moe_ops.build_hint()}")
+    return gating, dispatch_grouped
 
 
 class MoEFFN(nn.Module):
     """Physics-guided sparse MoE that replaces a block's FFN. (B, N, D), (B, 3) -> (B, N, D), Routing."""
 
-    def __init__(self, dim, hidden_dim, n_experts, top_k, descriptor_dim, dispatch="grouped"):
+    def __init__(self, dim, hidden_dim, n_experts, top_k, descriptor_dim, dispatch="auto"):
         super().__init__()
         self.top_k = top_k
         self.dispatch = dispatch
@@ -438,13 +498,14 @@ class MoEFFN(nn.Module):
 
     def forward(self, z, s=None):
         B, N, D = z.shape
-        routing = route(self.router(z, s), self.top_k)               # expert_idx, gates: (T, k)
+        gating_fn, dispatch_fn = moe_functions(self.dispatch, z)
+        routing = route(self.router(z, s), self.top_k, gating_fn)   # expert_idx, gates: (T, k)
         x = z.reshape(B * N, D)                                      # (T, D)
         weights = self.w1, self.b1, self.w2, self.b2
-        if not z.is_meta and torch.is_autocast_enabled(z.device.type):               # dispatch does raw matmuls: cast like autocast
+        if not z.is_meta and torch.is_autocast_enabled(z.device.type):  # raw matmuls below: cast as autocast would
             dtype = torch.get_autocast_dtype(z.device.type)
             x, weights = x.to(dtype), [w.to(dtype) for w in weights]
-        y = DISPATCH[self.dispatch](x, routing.expert_idx, routing.gates, *weights)  # (T, D)
+        y = dispatch_fn(x, routing.expert_idx, routing.gates, *weights)  # (T, D)
         return y.view(B, N, D), routing
 
 

@@ -1,0 +1,126 @@
+// nanosar MoE dispatch ops: gating, permute (scatter to experts), combine (gather back to tokens).
+//
+// Each op has a C++ CPU version (*_cpu.cpp, at::parallel_for) and a CUDA version (*.cu); the plain
+// references they are tested against are gating(), permute() and combine() in nanosar/model.py, and
+// nanosar/moe_ops.py wraps the ops below as autograd Functions with the same signatures.
+//
+// Shapes: T tokens, E experts, k experts per token, D width. Assignment a = t*k + j is token t's j-th
+// choice. "order" (T*k,) lists the assignments sorted by expert, stably: sorted row r holds a = order[r].
+#pragma once
+
+#include <ATen/AccumulateType.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <vector>
+
+#ifdef __CUDACC__
+#define NANOSAR_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define NANOSAR_HOST_DEVICE inline
+#endif
+
+// Accumulation type: float for float, half and bfloat16, double for double, on both devices (the CPU
+// accumulate type of float would be double; the references compute in float32 for float32 inputs).
+template <typename scalar_t>
+using acc_type_of = at::acc_type<scalar_t, /*is_cuda=*/true>;
+inline at::ScalarType acc_dtype_of(const at::Tensor& x) { return at::toAccumulateType(x.scalar_type(), /*is_cuda=*/true); }
+
+constexpr int64_t kMaxTopK = 8;          // top-k kept in registers; the paper uses k = 1
+constexpr int64_t kMaxExpertsCuda = 512;   // per-block shared-memory histograms and sums (< 48 KB)
+constexpr int kGatingTokensPerBlock = 256; // tokens per partial sum of the gating statistics (CPU and CUDA)
+
+// ---------------------------------------------------------------------------------------------
+// Per-token gating math, shared by the CPU loop and the CUDA thread (one token = one row of E logits).
+
+// Top-k of one row of logits, largest first; ties go to the lower expert id (a later equal logit never
+// displaces an earlier one), as a stable descending sort would order them. Also returns the row max and
+// sum_e exp(l_e - max), so that p_e = exp(l_e - max) / sum and logsumexp = max + log(sum).
+template <typename scalar_t, typename acc_t>
+NANOSAR_HOST_DEVICE void gating_row_forward(const scalar_t* logits, int E, int k, int64_t* expert_idx,
+                                            acc_t* gates, acc_t& row_max, acc_t& row_sum) {
+  acc_t top_val[kMaxTopK];
+  int top_id[kMaxTopK];
+  for (int j = 0; j < k; ++j) { top_val[j] = -INFINITY; top_id[j] = 0; }
+  row_max = -INFINITY;
+  for (int e = 0; e < E; ++e) {
+    const acc_t v = static_cast<acc_t>(logits[e]);
+    row_max = v > row_max ? v : row_max;
+    if (v > top_val[k - 1]) {                   // insert into the sorted top-k, strictly greater only
+      int pos = k - 1;
+      while (pos > 0 && v > top_val[pos - 1]) { top_val[pos] = top_val[pos - 1]; top_id[pos] = top_id[pos - 1]; --pos; }
+      top_val[pos] = v;
+      top_id[pos] = e;
+    }
+  }
+  row_sum = 0;
+  for (int e = 0; e < E; ++e) row_sum += std::exp(static_cast<acc_t>(logits[e]) - row_max);
+  // gates = p_j / sum_{chosen} p = exp(l_j - max) / sum_{chosen} exp(l - max): the softmax sum cancels
+  acc_t chosen_sum = 0;
+  for (int j = 0; j < k; ++j) chosen_sum += std::exp(top_val[j] - row_max);
+  for (int j = 0; j < k; ++j) {
+    expert_idx[j] = top_id[j];
+    gates[j] = std::exp(top_val[j] - row_max) / chosen_sum;
+  }
+}
+
+// Gradient of one row's logits. With p = softmax(l), S = sum of the chosen p, gate_j = p_{i_j} / S:
+//   dL/dp_e = grad_mean_prob_e / T + [e chosen as j] (grad_gate_j - sum_j' grad_gate_j' gate_j') / S
+//   dL/dl_e = p_e (dL/dp_e - sum_f p_f dL/dp_f) + (grad_z / T) * 2 * logsumexp * p_e
+template <typename scalar_t, typename acc_t>
+NANOSAR_HOST_DEVICE void gating_row_backward(const scalar_t* logits, int E, int k, const int64_t* expert_idx,
+                                             const acc_t* gates, const acc_t* grad_gates,
+                                             const acc_t* grad_mean_prob, acc_t grad_z, acc_t inv_T,
+                                             scalar_t* grad_logits) {
+  acc_t row_max = -INFINITY;
+  for (int e = 0; e < E; ++e) row_max = logits[e] > row_max ? static_cast<acc_t>(logits[e]) : row_max;
+  acc_t row_sum = 0;
+  for (int e = 0; e < E; ++e) row_sum += std::exp(static_cast<acc_t>(logits[e]) - row_max);
+  const acc_t lse = row_max + std::log(row_sum);
+  acc_t chosen_p = 0, gate_dot = 0;
+  for (int j = 0; j < k; ++j) {
+    chosen_p += std::exp(static_cast<acc_t>(logits[expert_idx[j]]) - row_max) / row_sum;
+    gate_dot += grad_gates[j] * gates[j];
+  }
+  auto grad_p = [&](int e) {
+    acc_t g = grad_mean_prob[e] * inv_T;
+    for (int j = 0; j < k; ++j)
+      if (expert_idx[j] == e) g += (grad_gates[j] - gate_dot) / chosen_p;
+    return g;
+  };
+  acc_t p_dot = 0;  // sum_f p_f dL/dp_f
+  for (int e = 0; e < E; ++e) p_dot += std::exp(static_cast<acc_t>(logits[e]) - row_max) / row_sum * grad_p(e);
+  for (int e = 0; e < E; ++e) {
+    const acc_t p = std::exp(static_cast<acc_t>(logits[e]) - row_max) / row_sum;
+    grad_logits[e] = static_cast<scalar_t>(p * (grad_p(e) - p_dot) + grad_z * inv_T * 2 * lse * p);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ops. Returned lists:
+//   gating_forward  -> {expert_idx (T,k) int64, gates (T,k) acc, counts (E) int64, mean_prob (E) acc, z_loss () acc}
+//   gating_backward -> grad_logits (T,E) in the logits' dtype
+//   permute_forward -> {x_sorted (T*k,D), order (T*k) int64, counts (E) int64}
+//   combine_forward -> y (T,D)
+//   combine_backward -> {grad_expert_out (T*k,D), grad_gates (T,k)}
+// acc is float for float/half/bfloat16 inputs and double for double.
+
+std::vector<at::Tensor> gating_forward_cpu(const at::Tensor& logits, int64_t top_k);
+at::Tensor gating_backward_cpu(const at::Tensor& logits, const at::Tensor& expert_idx, const at::Tensor& gates,
+                               const at::Tensor& grad_gates, const at::Tensor& grad_mean_prob,
+                               const at::Tensor& grad_z_loss);
+std::vector<at::Tensor> permute_forward_cpu(const at::Tensor& x, const at::Tensor& expert_idx, int64_t n_experts);
+at::Tensor combine_forward_cpu(const at::Tensor& expert_out, const at::Tensor& gates, const at::Tensor& order);
+std::vector<at::Tensor> combine_backward_cpu(const at::Tensor& grad_y, const at::Tensor& expert_out,
+                                             const at::Tensor& gates, const at::Tensor& order);
+
+#ifdef WITH_CUDA
+std::vector<at::Tensor> gating_forward_cuda(const at::Tensor& logits, int64_t top_k);
+at::Tensor gating_backward_cuda(const at::Tensor& logits, const at::Tensor& expert_idx, const at::Tensor& gates,
+                                const at::Tensor& grad_gates, const at::Tensor& grad_mean_prob,
+                                const at::Tensor& grad_z_loss);
+std::vector<at::Tensor> permute_forward_cuda(const at::Tensor& x, const at::Tensor& expert_idx, int64_t n_experts);
+at::Tensor combine_forward_cuda(const at::Tensor& expert_out, const at::Tensor& gates, const at::Tensor& order);
+std::vector<at::Tensor> combine_backward_cuda(const at::Tensor& grad_y, const at::Tensor& expert_out,
+                                              const at::Tensor& gates, const at::Tensor& order);
+#endif

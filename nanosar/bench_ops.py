@@ -1,0 +1,94 @@
+"""
+Benchmark of the MoE dispatch kernels (a script, not a test): csrc/ ops against their pure-PyTorch
+references, and their share of a whole MoE layer. Figures are medians of one run, printed as ratios.
+
+    python -m nanosar.bench_ops                    # CPU: C++ ops, small sizes
+    python -m nanosar.bench_ops --device=cuda      # GPU: T=32768, D=1024, Dh=4096, E in {6,16,64}, bf16
+
+For each E and k: forward and forward+backward time of gating, permute and combine, reference vs
+kernel (target on an H200: kernel at least 3x faster), and the three kernels' share of the MoE layer's
+forward+backward (target: under 10%). The layer against a dense FFN and the presets against a dense
+ViT are in nanosar/bench_model.py.
+"""
+
+import argparse
+
+import torch
+
+from nanosar import model as M
+from nanosar import moe_ops
+from nanosar.bench_model import time_call
+
+
+def op_runners(impl, logits, x, expert_out, E, k):
+    """{op: (forward, forward+backward)} closures for impl = model (reference) or moe_ops (kernels)."""
+    idx, gates, _, _, _ = M.gating(logits, k)
+    order = M.permute(x[:, :1], idx, E)[1]
+
+    def gating_fb():
+        leaf = logits.detach().requires_grad_()
+        _, g, _, mp, z = impl.gating(leaf, k)
+        (g.sum() + mp.sum() + z).backward()
+
+    def permute_fb():
+        leaf = x.detach().requires_grad_()
+        impl.permute(leaf, idx, E)[0].backward(expert_out)
+
+    def combine_fb():
+        out, g = expert_out.detach().requires_grad_(), gates.detach().requires_grad_()
+        impl.combine(out, g, order).backward(x)
+
+    return {
+        "gating": (lambda: impl.gating(logits, k), gating_fb),
+        "permute": (lambda: impl.permute(x, idx, E), permute_fb),
+        "combine": (lambda: impl.combine(expert_out, gates, order), combine_fb),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokens", type=int, default=None, help="default 4096 (cpu), 32768 (cuda)")
+    parser.add_argument("--width", type=int, default=None, help="D; default 256 (cpu), 1024 (cuda); Dh = 4 D")
+    parser.add_argument("--experts", type=int, nargs="+", default=[6, 16, 64])
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default fp32 cpu, bf16 cuda")
+    parser.add_argument("--reps", type=int, default=10)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    T = args.tokens or (32768 if gpu else 4096)
+    D = args.width or (1024 if gpu else 256)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
+    if moe_ops.extension_for(torch.empty(0, device=device)) is None:
+        raise SystemExit(f"no extension ops for {device.type}: {moe_ops.build_hint()}")
+    if gpu:
+        print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
+    print(f"T={T} tokens, D={D}, Dh={4 * D}, {dtype}, {device.type}; times in ms (median of {args.reps})")
+    print(f"{'E':>3s} {'k':>2s} {'op':8s} {'ref fwd':>8s} {'kern fwd':>9s} {'speed-up':>9s} "
+          f"{'ref f+b':>8s} {'kern f+b':>9s} {'speed-up':>9s}")
+    for E in args.experts:
+        for k in (1, 2):
+            torch.manual_seed(0)
+            logits = torch.randn(T, E, device=device)                   # the router computes in float32
+            x = torch.randn(T, D, device=device, dtype=dtype)
+            expert_out = torch.randn(T * k, D, device=device, dtype=dtype)
+            ref, ker = op_runners(M, logits, x, expert_out, E, k), op_runners(moe_ops, logits, x, expert_out, E, k)
+            kernel_fb_total = 0.0
+            for op in ref:
+                times = [time_call(fn, device, reps=args.reps) for fn in (*ref[op], *ker[op])]
+                rf, rfb, kf, kfb = (t * 1e3 for t in times)
+                kernel_fb_total += kfb
+                print(f"{E:3d} {k:2d} {op:8s} {rf:8.3f} {kf:9.3f} {rf / kf:8.1f}x {rfb:8.3f} {kfb:9.3f} {rfb / kfb:8.1f}x")
+            layer = M.MoEFFN(D, 4 * D, E, k, descriptor_dim=3, dispatch="kernels").to(device, dtype)
+            z = torch.randn(1, T, D, device=device, dtype=dtype, requires_grad=True)
+            s = torch.randn(1, 3, device=device)
+            layer_fb = time_call(lambda: layer(z, s)[0].float().square().mean().backward(), device, reps=args.reps)
+            print(f"{E:3d} {k:2d} {'share':8s} gating+permute+combine fwd+bwd = {kernel_fb_total:.3f} ms of the "
+                  f"layer's {layer_fb * 1e3:.3f} ms: {100 * kernel_fb_total / (layer_fb * 1e3):.1f}%")
+            del layer
+            if gpu:
+                torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
