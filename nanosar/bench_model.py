@@ -57,59 +57,67 @@ def moe_variants(device):
     return variants
 
 
+def forward_rate(model, x, dtype, device, reps):
+    """Forward tiles/s of model on x (B, C, H, W) under autocast to dtype, and peak GiB (None on CPU)."""
+
+    def forward():
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            model(x)
+
+    seconds = time_call(forward, device, warmup=1, reps=reps)
+    return x.shape[0] / seconds, peak_memory_gib(device, forward)
+
+
+def layer_times(layer, z, s, device, reps):
+    """Median forward and forward+backward seconds of a dense Mlp or an MoEFFN on z (1, T, D)."""
+    run = (lambda: layer(z)) if isinstance(layer, Mlp) else (lambda: layer(z, s)[0])
+    with torch.no_grad():
+        fwd = time_call(run, device, reps=reps)
+    fwd_bwd = time_call(lambda: run().float().square().mean().backward(), device, reps=reps)
+    return fwd, fwd_bwd
+
+
+def free_cuda_cache(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def bench_presets(args, device, dtype):
     print(f"\n== forward, {args.size}x{args.size}, batch {args.batch}, {dtype}, {device.type} ==")
     print(f"{'preset':8s} {'variant':14s} {'tiles/s':>9s} {'vs dense':>9s} {'peak GiB':>9s}")
     for name in args.presets:
         x = torch.randn(args.batch, 1, args.size, args.size, device=device) * 3 - 12  # sigma0 in dB
-        dense_rate = None
         variants = [("dense", dict(n_experts=1))] + [(f"moe-{v}", dict(moe_dispatch=v)) for v in moe_variants(device)]
+        dense_rate = None
         for variant, overrides in variants:
             model = Segmenter(SARConfig.preset(name, **overrides)).to(device).eval()
-
-            def forward():
-                with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                    model(x)
-
-            seconds = time_call(forward, device, warmup=1, reps=args.reps)
-            peak = peak_memory_gib(device, forward)
-            rate = args.batch / seconds
+            rate, peak = forward_rate(model, x, dtype, device, args.reps)
+            model = None  # free the weights before the next variant is built
+            free_cuda_cache(device)
             dense_rate = dense_rate or rate
             peak_txt = f"{peak:9.2f}" if peak is not None else f"{'-':>9s}"
             print(f"{name:8s} {variant:14s} {rate:9.2f} {rate / dense_rate:8.2f}x {peak_txt}")
-            del model
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
 
 
 def bench_moe_layer(args, device, dtype):
     T, D, Dh = args.tokens, args.width, 4 * args.width
     print(f"\n== one FFN layer: T={T} tokens, D={D}, Dh={Dh}, {dtype}, {device.type}; dense FFN has hidden k*Dh ==")
-    print(f"{'E':>3s} {'k':>2s} {'layer':14s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} {'fwd vs dense':>13s} {'f+b vs dense':>13s}")
+    print(f"{'E':>3s} {'k':>2s} {'layer':14s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} "
+          f"{'fwd vs dense':>13s} {'f+b vs dense':>13s}")
     for E in args.experts:
         for k in (1, 2):
             z = torch.randn(1, T, D, device=device, dtype=dtype, requires_grad=True)
             s = torch.randn(1, 3, device=device)
-            layers = {"dense": Mlp(D, k * Dh)}
+            layers = {"dense": lambda: Mlp(D, k * Dh)}
             for dispatch in moe_variants(device):
-                layers[f"moe-{dispatch}"] = MoEFFN(D, Dh, E, k, descriptor_dim=3, dispatch=dispatch)
+                layers[f"moe-{dispatch}"] = lambda d=dispatch: MoEFFN(D, Dh, E, k, descriptor_dim=3, dispatch=d)
             base = None
-            for label, layer in layers.items():
-                layer = layer.to(device, dtype)
-                run = (lambda: layer(z)) if isinstance(layer, Mlp) else (lambda: layer(z, s)[0])
-
-                def forward_backward():
-                    run().float().square().mean().backward()
-
-                with torch.no_grad():
-                    fwd = time_call(run, device, reps=args.reps)
-                fb = time_call(forward_backward, device, reps=args.reps)
+            for label, make_layer in layers.items():
+                fwd, fb = layer_times(make_layer().to(device, dtype), z, s, device, args.reps)
+                free_cuda_cache(device)
                 base = base or (fwd, fb)
                 print(f"{E:3d} {k:2d} {label:14s} {fwd * 1e3:8.2f} {fb * 1e3:11.2f} {fwd / base[0]:12.2f}x "
                       f"{fb / base[1]:12.2f}x")
-                del layer
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
 
 
 def main():

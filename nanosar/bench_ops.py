@@ -17,7 +17,7 @@ import torch
 
 from nanosar import model as M
 from nanosar import moe_ops
-from nanosar.bench_model import time_call
+from nanosar.bench_model import free_cuda_cache, layer_times, time_call
 
 
 def op_runners(impl, logits, x, expert_out, E, k):
@@ -78,17 +78,15 @@ def main():
                 times = [time_call(fn, device, reps=args.reps) for fn in (*ref[op], *ker[op])]
                 rf, rfb, kf, kfb = (t * 1e3 for t in times)
                 kernel_fb_total += kfb
-                print(f"{E:3d} {k:2d} {op:8s} {rf:8.3f} {kf:9.3f} {rf / kf:8.1f}x {rfb:8.3f} {kfb:9.3f} {rfb / kfb:8.1f}x")
+                print(f"{E:3d} {k:2d} {op:8s} {rf:8.3f} {kf:9.3f} {rf / kf:8.1f}x "
+                      f"{rfb:8.3f} {kfb:9.3f} {rfb / kfb:8.1f}x")
             layer = M.MoEFFN(D, 4 * D, E, k, descriptor_dim=3, dispatch="kernels").to(device, dtype)
             z = torch.randn(1, T, D, device=device, dtype=dtype, requires_grad=True)
-            s = torch.randn(1, 3, device=device)
-            layer_fb = time_call(lambda: layer(z, s)[0].float().square().mean().backward(), device, reps=args.reps)
+            layer_fb = layer_times(layer, z, torch.randn(1, 3, device=device), device, args.reps)[1] * 1e3
             print(f"{E:3d} {k:2d} {'share':8s} gating+permute+combine fwd+bwd = {kernel_fb_total:.3f} ms of the "
-                  f"layer's {layer_fb * 1e3:.3f} ms: {100 * kernel_fb_total / (layer_fb * 1e3):.1f}%")
-            del layer
-            if gpu:
-                torch.cuda.empty_cache()
-
+                  f"layer's {layer_fb:.3f} ms: {100 * kernel_fb_total / layer_fb:.1f}%")
+            layer = None
+            free_cuda_cache(device)
 
 if __name__ == "__main__":
     main()

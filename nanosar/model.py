@@ -5,7 +5,7 @@ The CrossEarth-SAR segmentation model in one file, read top to bottom as the dat
     2. the three SAR physical descriptors (directional entropy, ENL, local roughness)
     3. attention, the dense FFN, LayerScale, drop path
     4. the physics-guided router (token || descriptors -> softmax -> top-k)
-    5. the sparse MoE FFN and its dispatch (loop reference and sorted/grouped)
+    5. the sparse MoE FFN and its dispatch (loop reference, sorted/grouped, csrc/ kernels)
     6. the transformer block and the DINOv2-layout ViT backbone
     7. the segmentation head (UperNet-style FPN) and the Segmenter
     8. upcycling from a local facebookresearch/dinov2 checkpoint
@@ -18,7 +18,7 @@ k experts per token, K classes, L transformer blocks.
 import contextlib
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
@@ -82,7 +82,7 @@ class SARConfig:
             value = tuple(getattr(self, name))
             if value and len(value) != self.in_chans:
                 bad(f"{name} has {len(value)} entries for in_chans={self.in_chans}")
-            object.__setattr__(self, name, value)  # lists from JSON become tuples
+            setattr(self, name, value)  # lists (from JSON) become tuples
         if any(s <= 0 for s in self.pixel_std):
             bad(f"pixel_std must be positive, got {self.pixel_std}")
         if self.patch_size < 1 or self.img_size % self.patch_size:
@@ -110,7 +110,7 @@ class SARConfig:
         layers = tuple(self.feature_layers) or self.default_feature_layers()
         if len(layers) != 4 or any(not 0 <= i < self.depth for i in layers):
             bad(f"feature_layers must be 4 block indices in [0, {self.depth}), got {layers}")
-        object.__setattr__(self, "feature_layers", layers)
+        self.feature_layers = layers
 
     def default_feature_layers(self):
         """Four evenly spaced blocks ending with the last: ViT-S/B (12) -> 2,5,8,11; ViT-L (24) -> 5,11,17,23."""
@@ -561,7 +561,8 @@ class SARViT(nn.Module):
         self.patch_embed.proj = nn.Conv2d(cfg.in_chans, D, cfg.patch_size, stride=cfg.patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, D))  # cls + grid x grid patches
-        self.register_tokens = nn.Parameter(torch.zeros(1, cfg.num_register_tokens, D)) if cfg.num_register_tokens else None
+        R = cfg.num_register_tokens
+        self.register_tokens = nn.Parameter(torch.zeros(1, R, D)) if R else None
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(D, eps=1e-6)
@@ -612,7 +613,8 @@ def _init_linear(m):
 
 
 def conv_gn_relu(c_in, c_out, k):
-    return nn.Sequential(nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False), nn.GroupNorm(8, c_out), nn.ReLU(inplace=True))
+    conv = nn.Conv2d(c_in, c_out, k, padding=k // 2, bias=False)
+    return nn.Sequential(conv, nn.GroupNorm(8, c_out), nn.ReLU(inplace=True))
 
 
 class FPNHead(nn.Module):
@@ -634,9 +636,10 @@ class FPNHead(nn.Module):
         """features: 4 x (B, D, h, w) -> logits (B, K, 4h, 4w)."""
         levels = [res(lat(f)) for f, lat, res in zip(features, self.lateral, self.resample)]  # strides p/4..2p
         for i in range(len(levels) - 1, 0, -1):                         # top-down: coarse adds into fine
-            levels[i - 1] = levels[i - 1] + F.interpolate(levels[i], size=levels[i - 1].shape[-2:], mode="bilinear")
+            finer = levels[i - 1]
+            levels[i - 1] = finer + F.interpolate(levels[i], size=finer.shape[-2:], mode="bilinear")
         size = levels[0].shape[-2:]
-        levels = [F.interpolate(sm(l), size=size, mode="bilinear") for sm, l in zip(self.smooth, levels)]
+        levels = [F.interpolate(smooth(level), size=size, mode="bilinear") for smooth, level in zip(self.smooth, levels)]
         return self.classifier(self.fuse(torch.cat(levels, dim=1)))    # (B, K, 4h, 4w)
 
 
@@ -798,7 +801,8 @@ def upcycle_from_dinov2(model, state_dict):
         moe = re.match(r"blocks\.(\d+)\.mlp\.(w1|b1|w2|b2)$", name)
         if moe:  # expert tensors come from the dense fc1/fc2, copied into all E experts
             i, part = moe.groups()
-            fc, kind = {"w1": ("fc1", "weight"), "b1": ("fc1", "bias"), "w2": ("fc2", "weight"), "b2": ("fc2", "bias")}[part]
+            fc = "fc1" if part in ("w1", "b1") else "fc2"
+            kind = "weight" if part in ("w1", "w2") else "bias"
             key = f"blocks.{i}.mlp.{fc}.{kind}"
             if key not in src:
                 report.missing.append(key)

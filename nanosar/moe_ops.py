@@ -61,12 +61,13 @@ def load_extension():
 def _extension_for_device(device_type):
     ext = load_extension()
     if device_type == "cuda" and ext is not None and not ext.with_cuda:
-        print("nanosar: MoE ops on cuda: pure-PyTorch reference (the extension was built without CUDA)", file=sys.stderr)
+        print("nanosar: MoE ops on cuda: pure-PyTorch reference (extension built without CUDA)", file=sys.stderr)
         return None
     if device_type not in ("cpu", "cuda"):
         return None
     if ext is None:
-        print(f"nanosar: MoE ops on {device_type}: pure-PyTorch reference (no extension; {build_hint()})", file=sys.stderr)
+        print(f"nanosar: MoE ops on {device_type}: pure-PyTorch reference (no extension; {build_hint()})",
+              file=sys.stderr)
         return None
     kind = "CUDA kernels" if device_type == "cuda" else "C++ kernels"
     print(f"nanosar: MoE ops on {device_type}: {kind} of {ext.__name__}", file=sys.stderr)

@@ -320,7 +320,8 @@ def test_local_roughness_golden_values():
     assert local_roughness(halves, 2).item() == pytest.approx(0.25)
     torch.manual_seed(0)
     speckle = torch.distributions.Exponential(1.0).sample((1, 64, 64))
-    patchy = speckle * torch.where(torch.rand(1, 4, 4) > 0.5, 4.0, 0.25).repeat_interleave(16, 1).repeat_interleave(16, 2)
+    blocks = torch.where(torch.rand(1, 4, 4) > 0.5, 4.0, 0.25)                     # one level per 16x16 block
+    patchy = speckle * blocks.repeat_interleave(16, 1).repeat_interleave(16, 2)
     assert local_roughness(patchy, 16).item() > 10 * local_roughness(speckle, 16).item()
 
 

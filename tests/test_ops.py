@@ -20,7 +20,8 @@ HAS_CUDA_OPS = EXT is not None and EXT.with_cuda and torch.cuda.is_available()
 
 def gpu_test(f):
     """A GPU-only test: marked `gpu`, skipped without CUDA and an extension built with CUDA."""
-    return pytest.mark.gpu(pytest.mark.skipif(not HAS_CUDA_OPS, reason="needs CUDA and the extension built with CUDA")(f))
+    skip = pytest.mark.skipif(not HAS_CUDA_OPS, reason="needs CUDA and the extension built with CUDA")
+    return pytest.mark.gpu(skip(f))
 
 
 # (T, E, k): T not a multiple of the 256-token blocks, k = 1 and 2, E from 1 to 64, experts without tokens
@@ -258,13 +259,13 @@ def test_cuda_ops_are_deterministic(dtype):
     x = torch.randn(T, D, device="cuda").to(dtype)
 
     def run():
-        l = logits.detach().clone().requires_grad_()
+        leaf = logits.detach().clone().requires_grad_()
         xx = x.detach().clone().requires_grad_()
-        idx, gates, counts, mp, z = moe_ops.gating(l, k)
+        idx, gates, counts, mp, z = moe_ops.gating(leaf, k)
         xs, order, _ = moe_ops.permute(xx, idx, E)
         y = moe_ops.combine(xs * 1.5, gates, order)
         (y.float().square().mean() + mp.square().sum() + z).backward()
-        return [idx, gates, counts, mp, z, xs, order, y, l.grad, xx.grad]
+        return [idx, gates, counts, mp, z, xs, order, y, leaf.grad, xx.grad]
 
     for a, b in zip(run(), run()):
         assert torch.equal(a, b)
