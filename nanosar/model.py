@@ -639,7 +639,7 @@ class FPNHead(nn.Module):
             finer = levels[i - 1]
             levels[i - 1] = finer + F.interpolate(levels[i], size=finer.shape[-2:], mode="bilinear")
         size = levels[0].shape[-2:]
-        levels = [F.interpolate(smooth(level), size=size, mode="bilinear") for smooth, level in zip(self.smooth, levels)]
+        levels = [F.interpolate(sm(lv), size=size, mode="bilinear") for sm, lv in zip(self.smooth, levels)]
         return self.classifier(self.fuse(torch.cat(levels, dim=1)))    # (B, K, 4h, 4w)
 
 

@@ -271,6 +271,13 @@ def test_cuda_ops_are_deterministic(dtype):
         assert torch.equal(a, b)
 
 
+def assert_relative_error(actual, expected, tol):
+    """||actual - expected|| <= tol * ||expected||: for bf16 results, where elementwise tolerances either
+    pass trivially (tiny values under atol) or fail on near-zero elements."""
+    error = (actual.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-30)
+    assert error <= tol, f"relative error {error:.2e} > {tol:.0e}"
+
+
 @pytest.mark.parametrize("E, k", [(6, 1), (6, 2), (64, 2)])
 @gpu_test
 def test_moe_layer_cuda_kernels_equal_reference(E, k):
@@ -281,11 +288,12 @@ def test_moe_layer_cuda_kernels_equal_reference(E, k):
         z = torch.randn(4, 300, 64, device="cuda", requires_grad=True)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             y, routing = layer(z, torch.randn(4, 3, device="cuda"))
-            loss = y.float().square().mean() + routing.balance_loss
+            loss = y.float().square().sum() + routing.balance_loss
         loss.backward()
-        results.append((y.float(), z.grad, [p.grad for p in layer.parameters()]))
-    (y0, gz0, gp0), (y1, gz1, gp1) = results
-    torch.testing.assert_close(y1, y0, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(gz1, gz0, rtol=5e-2, atol=1e-3)
+        results.append((y, routing.tokens_per_expert, z.grad, [p.grad for p in layer.parameters()]))
+    (y0, c0, gz0, gp0), (y1, c1, gz1, gp1) = results
+    assert torch.equal(c0, c1)
+    assert_relative_error(y1, y0, 1e-2)
+    assert_relative_error(gz1, gz0, 2e-2)
     for a, b in zip(gp0, gp1):
-        torch.testing.assert_close(b, a, rtol=5e-2, atol=1e-3)
+        assert_relative_error(b, a, 2e-2)
