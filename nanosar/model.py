@@ -23,14 +23,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from nanosar import moe_ops
+from nanosar.data import UNITS
 
 # -----------------------------------------------------------------------------
 # 1. Configuration
 
 
-INPUT_UNITS = ("intensity", "amplitude", "db", "complex")
+INPUT_UNITS = UNITS  # intensity, amplitude, db, complex (re, im), real or imag part: see nanosar/data.py
 MOE_DISPATCH = ("auto", "kernels", "grouped", "loop")
 
 
@@ -148,8 +150,8 @@ PRESETS = {
 def sar_magnitude(x, input_unit):
     """(B, C, H, W) pixels in `input_unit` -> (B, H, W) one non-negative magnitude image per sample.
 
-    intensity / amplitude: channel mean of |x| (linear units as given); db: channel mean of the linear
-    intensity 10^(x/10); complex: amplitude sqrt(re^2 + im^2) of the (re, im) channel pair.
+    intensity / amplitude / real / imag: channel mean of |x| (linear units as given); db: channel mean
+    of the linear intensity 10^(x/10); complex: amplitude sqrt(re^2 + im^2) of the (re, im) pair.
     """
     if input_unit == "complex":
         return torch.sqrt(x[:, 0] ** 2 + x[:, 1] ** 2)  # (B, H, W) linear amplitude
@@ -342,10 +344,19 @@ def switch_balance_loss(counts, mean_prob):
     return mean_prob.numel() * (fraction_routed * mean_prob).sum()
 
 
-def route(logits, top_k, gating_fn=gating):
-    """Router logits (T, E) -> Routing, with gating_fn the reference above or the extension's kernel."""
+def route(logits, top_k, gating_fn=gating, count_group=None):
+    """Router logits (T, E) -> Routing, with gating_fn the reference above or the extension's kernel.
+
+    count_group: a torch.distributed process group (train.py sets it under DDP) over which the token
+    counts f_e of the balance loss are summed, so the loss sees the global batch's routing; p_e stays
+    local and DDP's gradient averaging makes it global (every process routes the same number of tokens).
+    """
     expert_idx, gates, counts, mean_prob, z_loss = gating_fn(logits, top_k)
-    return Routing(expert_idx, gates, switch_balance_loss(counts, mean_prob), z_loss, counts)
+    balance_counts = counts
+    if count_group is not None:
+        balance_counts = counts.clone()
+        torch.distributed.all_reduce(balance_counts, group=count_group)
+    return Routing(expert_idx, gates, switch_balance_loss(balance_counts, mean_prob), z_loss, counts)
 
 
 class PhysicsRouter(nn.Module):
@@ -488,6 +499,7 @@ class MoEFFN(nn.Module):
         super().__init__()
         self.top_k = top_k
         self.dispatch = dispatch
+        self.count_group = None  # process group for global balance-loss counts (see route)
         self.router = PhysicsRouter(dim, descriptor_dim, n_experts)
         self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
         self.b1 = nn.Parameter(torch.zeros(n_experts, hidden_dim))
@@ -499,7 +511,7 @@ class MoEFFN(nn.Module):
     def forward(self, z, s=None):
         B, N, D = z.shape
         gating_fn, dispatch_fn = moe_functions(self.dispatch, z)
-        routing = route(self.router(z, s), self.top_k, gating_fn)   # expert_idx, gates: (T, k)
+        routing = route(self.router(z, s), self.top_k, gating_fn, self.count_group)  # expert_idx, gates: (T, k)
         x = z.reshape(B * N, D)                                      # (T, D)
         weights = self.w1, self.b1, self.w2, self.b2
         if not z.is_meta and torch.is_autocast_enabled(z.device.type):  # raw matmuls below: cast as autocast would
@@ -566,6 +578,7 @@ class SARViT(nn.Module):
         rates = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
         self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.grad_checkpointing = False  # recompute each block in the backward pass (train.py act_ckpt)
         self.apply(_init_linear)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
@@ -588,7 +601,10 @@ class SARViT(nn.Module):
         n_prefix = 1 + self.cfg.num_register_tokens
         taps, routings = {}, []
         for i, block in enumerate(self.blocks):
-            x, routing = block(x, s)
+            if self.grad_checkpointing and self.training:
+                x, routing = torch.utils.checkpoint.checkpoint(block, x, s, use_reentrant=False)
+            else:
+                x, routing = block(x, s)
             if routing is not None:
                 routings.append(routing)
             if i in self.cfg.feature_layers:
