@@ -296,6 +296,7 @@ def model_config_from(cfg, splits):
         return SARConfig.preset(
             cfg["preset"], img_size=meta["tile_shape"][1], in_chans=len(meta["channels"]), input_unit=meta["unit"],
             channels=tuple(meta["channels"]), pixel_mean=mean, pixel_std=std, num_classes=len(meta["class_names"]),
+            class_names=tuple(meta["class_names"]),
             n_experts=cfg["n_experts"], top_k=cfg["top_k"], descriptor_dim=3 if cfg["descriptors"] else 0,
             drop_path_rate=cfg["drop_path_rate"])
     except ValueError as e:

@@ -325,3 +325,92 @@ def load_batch(split, indices):
     images[order] = split.images[indices[order]]
     labels[order] = split.labels[indices[order]]
     return torch.from_numpy(images).float(), torch.from_numpy(labels).long()
+
+
+class TiffWindows:
+    """Windows of a large (Geo)TIFF with bounded memory: an uncompressed contiguous image is memory-
+    mapped; a striped or tiled (compressed) one is read strip by strip or tile by tile, decoding only
+    the segments a window touches (a small cache keeps the last ones for overlapping windows).
+
+        scene = TiffWindows("scene.tif"); window = scene.read(y0, y1, x0, x1)   # (C, y1-y0, x1-x0)
+    """
+
+    def __init__(self, path, cache_segments=64):
+        import tifffile
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: file not found")
+        try:
+            self.tif = tifffile.TiffFile(path)
+            page = self.page = self.tif.pages[0]
+        except (ValueError, OSError, tifffile.TiffFileError) as e:
+            raise ValueError(f"{path}: cannot read TIFF ({e}); the file may be truncated or corrupt") from e
+        self.path = path
+        self.height, self.width, self.bands = page.imagelength, page.imagewidth, page.samplesperpixel
+        self.dtype, self.geo = page.dtype, geotiff_tags(page)
+        self.separate = page.planarconfig == 2 and self.bands > 1
+        self.memmap = None
+        if page.is_contiguous and page.compression == 1:
+            try:
+                self.memmap = tifffile.memmap(path, page=0, mode="r")
+            except (ValueError, OSError):
+                self.memmap = None
+        self.chunk = (page.tilelength, page.tilewidth) if page.is_tiled else (page.rowsperstrip, self.width)
+        self.grid = (-(-self.height // self.chunk[0]), -(-self.width // self.chunk[1]))
+        self.cache, self.cache_size = {}, cache_segments
+
+    @property
+    def nodata(self):
+        """GDAL_NODATA as a number, or None."""
+        value = self.geo.get("GDAL_NODATA")
+        try:
+            return float(str(value).strip("\x00 ")) if value is not None else None
+        except ValueError:
+            return None
+
+    def _segment(self, index):
+        """Decoded strip/tile `index` as (rows, cols, samples)."""
+        if index not in self.cache:
+            page, fh = self.page, self.tif.filehandle
+            fh.seek(page.dataoffsets[index])
+            data = fh.read(page.databytecounts[index])
+            try:
+                segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+            except (ValueError, NotImplementedError, KeyError) as e:
+                hint = " (pip install imagecodecs for this compression)" if "imagecodecs" in str(e) else ""
+                raise RuntimeError(f"{self.path}: cannot decode segment {index}: {e}{hint}") from e
+            if len(self.cache) >= self.cache_size:
+                self.cache.pop(next(iter(self.cache)))
+            self.cache[index] = segment[0]                      # drop the depth axis
+        return self.cache[index]
+
+    def read(self, y0, y1, x0, x1):
+        """Pixels of rows y0..y1-1 and columns x0..x1-1 (clipped to the image) as (C, h, w)."""
+        y0, x0, y1, x1 = max(y0, 0), max(x0, 0), min(y1, self.height), min(x1, self.width)
+        if self.memmap is not None:
+            m = self.memmap
+            if m.ndim == 2:
+                return np.asarray(m[y0:y1, x0:x1])[None]
+            if self.separate:                                        # (C, H, W) on disk
+                return np.asarray(m[:, y0:y1, x0:x1])
+            return np.moveaxis(np.asarray(m[y0:y1, x0:x1]), -1, 0)   # (H, W, C) on disk
+        out = np.empty((self.bands, y1 - y0, x1 - x0), self.dtype)
+        (ch, cw), (rows, cols) = self.chunk, self.grid
+        planes = range(self.bands) if self.separate else [None]
+        for plane in planes:
+            for r in range(y0 // ch, (y1 - 1) // ch + 1):
+                for c in range(x0 // cw, (x1 - 1) // cw + 1):
+                    index = (plane or 0) * rows * cols + r * cols + c
+                    seg = self._segment(index)                  # (rows, cols, samples)
+                    sy0, sy1 = max(y0, r * ch), min(y1, r * ch + ch, self.height)
+                    sx0, sx1 = max(x0, c * cw), min(x1, c * cw + cw, self.width)
+                    part = seg[sy0 - r * ch:sy1 - r * ch, sx0 - c * cw:sx1 - c * cw]   # (h, w, samples)
+                    target = out[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0]
+                    if plane is None:
+                        target[...] = np.moveaxis(part, -1, 0)
+                    else:
+                        target[plane] = part[..., 0]
+        return out
+
+    def close(self):
+        self.tif.close()

@@ -67,6 +67,7 @@ class SARConfig:
     moe_dispatch: str = "auto"        # "auto" (extension if built, else "grouped"), "kernels", "grouped" or "loop"
     # segmentation head
     num_classes: int = 7
+    class_names: tuple = ()           # optional names of the classes, in id order (part of the contract)
     head_dim: int = 256
     feature_layers: tuple = ()        # 4 block indices whose outputs feed the head; () = evenly spaced
 
@@ -80,6 +81,9 @@ class SARConfig:
             bad(f"complex input needs in_chans=2 (real, imag), got {self.in_chans}")
         if self.in_chans not in (1, 2, 4):
             bad(f"in_chans must be 1, 2 or 4 (polarizations) or 2 (complex re/im), got {self.in_chans}")
+        if self.class_names and len(self.class_names) != self.num_classes:
+            bad(f"class_names has {len(self.class_names)} entries for num_classes={self.num_classes}")
+        self.class_names = tuple(self.class_names)
         for name in ("channels", "pixel_mean", "pixel_std"):
             value = tuple(getattr(self, name))
             if value and len(value) != self.in_chans:

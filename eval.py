@@ -1,0 +1,418 @@
+"""
+Domain-generalization evaluation: how well does a model trained on one SAR domain segment unseen ones.
+
+    python eval.py --suite synthetic --ckpt out/suite/physics          # a folder: <folder>/<source>/ckpt.pt
+    python eval.py --suite synthetic --ckpt out/synth_tiny/ckpt.pt     # one checkpoint: the benchmarks of its source
+    python eval.py --suite synthetic --ckpt physics=out/suite/physics tokens=out/suite/tokens dense=out/suite/dense
+    python eval.py --predict scene.tif --ckpt model.pt --out mask.tif  # whole-scene prediction, GeoTIFF in and out
+    python eval.py --suite synthetic --list-sources                    # the source domains to train on
+
+The suite mode writes a markdown table in the paper's layout (single-gap and multi-gap sections, one
+column per sub-benchmark, averages, the paper's numbers where it reports them), the per-domain expert
+routing, and the same as JSON. Under torchrun each process evaluates every world-th tile and the int64
+confusion matrices are summed.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nanosar import suites
+from nanosar.data import GEOTIFF_TAGS, IGNORE, Split, TiffWindows, load_batch, tile_positions
+from nanosar.metrics import confusion_matrix, segmentation_scores
+from nanosar.model import SARConfig, Segmenter
+
+# -----------------------------------------------------------------------------
+# models and their input contract
+
+
+def load_model(path, device):
+    """Segmenter in eval mode from a train.py checkpoint, and the checkpoint dict."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    model = Segmenter(SARConfig(**ckpt["model_args"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def check_contract(cfg, meta, allowed, where):
+    """Raise ValueError if data described by `meta` cannot be fed to a model with config `cfg`.
+
+    The channel count must always match. A different unit or channel names are allowed only when the
+    benchmark's gap changes them on purpose (allowed: set of factors, e.g. {"representation"}). Every
+    class of the data must be a class of the model.
+    """
+    channels, unit = list(meta["channels"]), meta["unit"]
+    if len(channels) != cfg.in_chans:
+        raise ValueError(f"{where}: data has {len(channels)} channel(s) {channels}, the model expects "
+                         f"{cfg.in_chans} {list(cfg.channels)}")
+    if unit != cfg.input_unit and "representation" not in allowed:
+        raise ValueError(f"{where}: data unit {unit!r} but the model was trained on {cfg.input_unit!r}; convert "
+                         f"the data (prepare.py) or evaluate a benchmark whose gap is the representation")
+    if cfg.channels and channels != list(cfg.channels) and "polarization" not in allowed:
+        raise ValueError(f"{where}: data channels {channels} but the model was trained on {list(cfg.channels)}")
+    names, known = list(meta["class_names"]), list(cfg.class_names)
+    if len(names) > cfg.num_classes:
+        raise ValueError(f"{where}: {len(names)} classes {names}, but the model knows {cfg.num_classes}")
+    if known and [c for c in names if c not in known]:
+        unknown = [c for c in names if c not in known]
+        raise ValueError(f"{where}: classes {unknown} are unknown to the model (it knows {known})")
+    if known and names != known[:len(names)]:
+        raise ValueError(f"{where}: class ids differ from the model's: data {names}, model {known}")
+
+
+# -----------------------------------------------------------------------------
+# inference: whole image, or sliding windows with blended overlaps
+
+
+def blend_weights(window, blend):
+    """(window, window) weights of one window's logits: "constant" (1) or "cosine" (a Hann window that
+    never reaches 0, so every pixel keeps some weight)."""
+    if blend == "constant":
+        return torch.ones(window, window)
+    ramp = torch.sin(math.pi * (torch.arange(window) + 0.5) / window) ** 2
+    return ramp[:, None] * ramp[None, :]
+
+
+def sliding_window_logits(forward, read, shape, region, window, stride, blend="cosine", batch=8, device="cpu"):
+    """Blended logits (K, h, w) of `region` = (y0, y1, x0, x1) of an image of `shape` = (H, W).
+
+    Windows lie on one grid over the whole image (window x window, step `stride`, the last aligned to the
+    edge), so computing the image region by region gives the same numbers as computing it at once.
+    read(y0, y1, x0, x1) -> (C, h, w) float tensor; forward((B, C, window, window)) -> (B, K, window, window).
+    Images smaller than a window are padded with zeros (the padding gets no weight in the output).
+    """
+    H, W = shape
+    y0, y1, x0, x1 = region
+    if not 0 < stride <= window:
+        raise ValueError(f"need 0 < stride <= window, got stride {stride}, window {window}")
+    weight = blend_weights(window, blend).to(device)
+    ys = [y for y in tile_positions(H, window, window - stride) if y < y1 and y + window > y0]
+    xs = [x for x in tile_positions(W, window, window - stride) if x < x1 and x + window > x0]
+    starts = [(y, x) for y in ys for x in xs]
+    logits = total = None
+    for b in range(0, len(starts), batch):
+        chunk = starts[b:b + batch]
+        tiles = torch.zeros(len(chunk), *read(0, 1, 0, 1).shape[:1], window, window)
+        for i, (y, x) in enumerate(chunk):
+            part = read(y, y + window, x, x + window)
+            tiles[i, :, :part.shape[1], :part.shape[2]] = part
+        out = forward(tiles.to(device)).float()                               # (B, K, window, window)
+        if logits is None:
+            logits = torch.zeros(out.shape[1], y1 - y0, x1 - x0, device=device)
+            total = torch.zeros(y1 - y0, x1 - x0, device=device)
+        for i, (y, x) in enumerate(chunk):
+            ty0, ty1, tx0, tx1 = max(y, y0), min(y + window, y1, H), max(x, x0), min(x + window, x1, W)
+            w = weight[ty0 - y:ty1 - y, tx0 - x:tx1 - x]
+            logits[:, ty0 - y0:ty1 - y0, tx0 - x0:tx1 - x0] += out[i, :, ty0 - y:ty1 - y, tx0 - x:tx1 - x] * w
+            total[ty0 - y0:ty1 - y0, tx0 - x0:tx1 - x0] += w
+    return logits / total
+
+
+# -----------------------------------------------------------------------------
+# evaluation of one split, with routing statistics
+
+
+@torch.no_grad()
+def evaluate_split(model, split, device, batch=16, window=None, stride=None, blend="cosine", rank=0, world=1):
+    """Scores of a model on a prepared split, plus per-block expert load fractions (L, E) and the mean
+    descriptors [H_DE, ENL, R_LR]. Whole-tile inference, or sliding windows when `window` is given."""
+    K = model.cfg.num_classes
+    cm = torch.zeros(K, K, dtype=torch.long, device=device)
+    load, descriptors, images_seen = None, torch.zeros(3, dtype=torch.float64, device=device), 0
+    indices = list(range(rank, len(split), world))
+    for b in range(0, len(indices), batch):
+        images, labels = load_batch(split, indices[b:b + batch])
+        images, labels = images.to(device), labels.to(device)
+        if window is None:
+            out = model(images)
+            logits = out.logits
+            batch_load = out.expert_load
+            descriptors += out.descriptors.double().sum(0)
+        else:
+            H, W = images.shape[-2:]
+            logits = torch.stack([sliding_window_logits(lambda x: model(x).logits, lambda y0, y1, x0, x1, im=im:
+                                                        im[:, y0:y1, x0:x1].cpu(), (H, W), (0, H, 0, W), window,
+                                                        stride, blend, batch, device) for im in images])
+            batch_load = torch.zeros(0, 1, dtype=torch.long, device=device)
+        cm += confusion_matrix(logits.argmax(1), labels, K)
+        load = batch_load.clone() if load is None else load + batch_load
+        images_seen += len(images)
+    counts = torch.tensor([images_seen], dtype=torch.float64, device=device)
+    if world > 1:
+        for t in (cm, load, descriptors, counts):
+            dist.all_reduce(t)
+    fractions = (load.double() / load.sum(1, keepdim=True).clamp_min(1)).tolist() if load is not None else []
+    return {**segmentation_scores(cm), "expert_load": fractions,
+            "mean_descriptors": (descriptors / counts.clamp_min(1)).tolist(), "tiles": int(counts.item())}
+
+
+# -----------------------------------------------------------------------------
+# the suite
+
+
+def checkpoint_for(spec, source):
+    """The checkpoint of `source`: spec is a folder holding <source>/ckpt.pt, or one ckpt.pt (used only for
+    the benchmarks whose source is the domain it was trained on)."""
+    if os.path.isdir(spec):
+        path = os.path.join(spec, source, "ckpt.pt")
+        return path if os.path.isfile(path) else None
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"checkpoint {spec} not found")
+    trained_on = torch.load(spec, map_location="cpu", weights_only=False)["config"]["data"]
+    return spec if os.path.basename(trained_on.rstrip("/")) == source else None
+
+
+def run_suite(args, device, rank, world):
+    benchmarks = suites.load(args.suite, args.data)
+    variants = dict(v.split("=", 1) if "=" in v else (os.path.basename(v.rstrip("/")) or v, v) for v in args.ckpt)
+    results = {}
+    for label, spec in variants.items():
+        results[label] = {}
+        cache = {}
+        for bench in benchmarks:
+            path = checkpoint_for(spec, bench["source"])
+            if path is None:
+                continue
+            model, _ = cache.get(path) or cache.setdefault(path, load_model(path, device))
+            target = os.path.join(args.data, bench["target"], args.split)
+            split = Split(target)
+            check_contract(model.cfg, split.meta, set(bench.get("factors", [])), target)
+            t0 = time.time()
+            scores = evaluate_split(model, split, device, args.batch, args.window, args.stride, args.blend, rank, world)
+            results[label][bench["code"]] = {**scores, "source": bench["source"], "target": bench["target"],
+                                             "checkpoint": path}
+            if rank == 0:
+                print(f"{label:>10s} {bench['code']:>8s}: {bench['source']} -> {bench['target']}: "
+                      f"mIoU {100 * scores['miou']:.2f} ({time.time() - t0:.1f} s)", flush=True)
+    if rank == 0:
+        if not any(results.values()):
+            raise SystemExit("no checkpoint matched any benchmark source: pass a folder holding <source>/ckpt.pt")
+        markdown = suite_markdown(args.suite, benchmarks, results)
+        print("\n" + markdown)
+        os.makedirs(args.out, exist_ok=True)
+        write_atomic(os.path.join(args.out, f"{args.suite}.md"), markdown)
+        write_atomic(os.path.join(args.out, f"{args.suite}.json"),
+                     json.dumps({"suite": args.suite, "benchmarks": benchmarks, "results": results}, indent=1))
+        print(f"wrote {args.out}/{args.suite}.md and .json")
+
+
+def suite_markdown(name, benchmarks, results):
+    """Tables in the paper's layout: a row per model, a column per sub-benchmark, the group average."""
+    lines = [f"# {name} suite: target mIoU (%)", ""]
+    for group in ("single-gap", "multi-gap"):
+        group_benchmarks = [b for b in benchmarks if b["group"] == group]
+        codes = [b["code"] for b in group_benchmarks]
+        lines += [f"## {group}", "", "| model | " + " | ".join(codes) + " | avg |",
+                  "|---|" + "---|" * (len(codes) + 1)]
+        for label, scores in results.items():
+            values = [scores[c]["miou"] * 100 if c in scores else None for c in codes]
+            present = [v for v in values if v is not None]
+            average = f"{sum(present) / len(present):.1f}" if len(present) == len(codes) else "-"
+            lines.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in values)
+                         + f" | {average} |")
+        for method in suites.PAPER_METHODS:
+            paper = [b.get("paper_miou", {}).get(method) for b in group_benchmarks]
+            if any(v is not None for v in paper):
+                average = suites.PAPER_AVERAGES[group][method]
+                lines.append(f"| paper: {method} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in paper)
+                             + f" | {average} (all {len(codes)}) |")
+        lines += ["", "| code | gap | source -> target |", "|---|---|---|"]
+        lines += [f"| {b['code']} | {b['gap']} | {b['source']} -> {b['target']} |" for b in group_benchmarks]
+        lines.append("")
+    lines += ["## Expert routing per target domain", "",
+              "Mean descriptors of the target tiles and, per MoE block, the busiest expert and its share "
+              "of tokens.", ""]
+    for label, scores in results.items():
+        seen = {}
+        for code, s in scores.items():
+            if s["expert_load"] and s["target"] not in seen:
+                seen[s["target"]] = s
+        if not seen:
+            continue
+        lines += [f"### {label}", "", "| target | H_DE | ENL | R_LR | busiest expert per block (share) |",
+                  "|---|---|---|---|---|"]
+        for target, s in seen.items():
+            h, enl, r = s["mean_descriptors"]
+            busiest = " ".join(f"e{int(np.argmax(f))}:{max(f):.2f}" for f in s["expert_load"])
+            lines.append(f"| {target} | {h:.2f} | {enl:.3g} | {r:.3g} | {busiest} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_atomic(path, text):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# whole-scene prediction
+
+
+TAG_TYPES = {"ModelPixelScale": 12, "ModelTiepoint": 12, "ModelTransformation": 12, "GeoKeyDirectory": 3,
+             "GeoDoubleParams": 12, "GeoAsciiParams": 2}   # TIFF types: 12 double, 3 short, 2 ascii
+TAG_CODES = {name: code for code, name in GEOTIFF_TAGS.items()}
+
+
+def scene_pixels(scene, model_cfg, unit):
+    """A read(y0, y1, x0, x1) -> (C, h, w) float tensor for the model, plus a nodata-mask reader; clear
+    errors when the scene's bands or values do not fit the model."""
+    if unit is not None and unit != model_cfg.input_unit:
+        raise ValueError(f"{scene.path} is in {unit!r}, but the model expects {model_cfg.input_unit!r}; "
+                         f"convert it first")
+    complex_file = np.dtype(scene.dtype).kind == "c"
+    bands = 2 * scene.bands if complex_file else scene.bands
+    if complex_file and model_cfg.input_unit != "complex":
+        raise ValueError(f"{scene.path}: complex pixels, but the model expects {model_cfg.input_unit!r} input; "
+                         f"convert the scene (e.g. to amplitude or dB) first")
+    if bands != model_cfg.in_chans:
+        raise ValueError(f"{scene.path}: {bands} band(s){' (re, im)' if complex_file else ''}, but the model expects "
+                         f"{model_cfg.in_chans} {list(model_cfg.channels)} in unit {model_cfg.input_unit!r}")
+    nodata = scene.nodata
+    fill = torch.tensor(model_cfg.pixel_mean or [0.0] * model_cfg.in_chans).view(-1, 1, 1)
+
+    def raw(y0, y1, x0, x1):
+        window = scene.read(y0, y1, x0, x1)
+        if complex_file:
+            window = np.concatenate([window.real, window.imag])
+        return torch.from_numpy(np.array(window, dtype=np.float32))                # a writable copy
+
+    def invalid(window):
+        bad = ~torch.isfinite(window).all(0)
+        if nodata is not None:
+            bad |= (window == nodata).all(0)
+        return bad
+
+    def read(y0, y1, x0, x1):
+        window = raw(y0, y1, x0, x1)
+        return torch.where(invalid(window)[None], fill, window)
+
+    return read, lambda *r: invalid(raw(*r))
+
+
+def predict_scene(args, device):
+    """Sliding-window prediction of a large GeoTIFF, block by block (memory independent of the scene size),
+    written as a tiled, deflate-compressed GeoTIFF of class ids with the input's georeferencing."""
+    model, _ = load_model(args.ckpt[0], device)
+    cfg = model.cfg
+    scene = TiffWindows(args.predict)
+    if not scene.geo:
+        warnings.warn(f"{args.predict} has no georeferencing tags: the output will have none either")
+    if args.unit is None:
+        print(f"assuming {args.predict} holds {list(cfg.channels) or cfg.in_chans} in {cfg.input_unit!r}, the model's "
+              f"unit (say --unit to check it)")
+    read, invalid = scene_pixels(scene, cfg, args.unit)
+    H, W = scene.height, scene.width
+    window = args.window or cfg.img_size
+    stride = args.stride or window * 3 // 4
+    block = args.block
+    if block % 16:
+        raise ValueError(f"--block must be a multiple of 16 (TIFF tiles), got {block}")
+    blocks = [(y, x) for y in range(0, H, block) for x in range(0, W, block)]
+    t0 = time.time()
+
+    def forward(x):
+        return model(x).logits
+
+    def tiles():
+        for i, (y, x) in enumerate(blocks):
+            region = (y, min(y + block, H), x, min(x + block, W))
+            with torch.no_grad():
+                logits = sliding_window_logits(forward, read, (H, W), region, window, stride, args.blend,
+                                               args.batch, device)
+            labels = logits.argmax(0).to(torch.uint8).cpu()
+            labels[invalid(*region)] = IGNORE
+            out = np.full((block, block), IGNORE, np.uint8)
+            out[:labels.shape[0], :labels.shape[1]] = labels.numpy()
+            if (i + 1) % max(1, len(blocks) // 20) == 0 or i + 1 == len(blocks):
+                done = sum(min(block, H - by) * min(block, W - bx) for by, bx in blocks[:i + 1])
+                print(f"  block {i + 1}/{len(blocks)}: {100 * done / (H * W):.0f}% of the scene, "
+                      f"{done / (time.time() - t0) / 1e6:.2f} Mpixel/s", flush=True)
+            yield out
+
+    extratags = [(TAG_CODES[name], TAG_TYPES[name], 0 if TAG_TYPES[name] == 2 else len(value), value, True)
+                 for name, value in scene.geo.items() if name in TAG_TYPES]
+    extratags.append((TAG_CODES["GDAL_NODATA"], 2, 0, str(IGNORE), True))
+    import tifffile
+
+    tmp = f"{args.out}.tmp-{os.getpid()}"
+    try:
+        with tifffile.TiffWriter(tmp, bigtiff=H * W > 2**31) as writer:
+            writer.write(tiles(), shape=(H, W), dtype=np.uint8, tile=(block, block), compression="zlib",
+                         extratags=extratags, photometric="minisblack")
+        os.replace(tmp, args.out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    scene.close()
+    print(f"wrote {args.out}: {H}x{W} class ids (255 = nodata) in {time.time() - t0:.1f} s, window {window}, "
+          f"stride {stride}, {args.blend} blending")
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=["synthetic", "paper"], help="evaluate a benchmark suite")
+    parser.add_argument("--predict", metavar="SCENE.tif", help="predict a whole GeoTIFF scene")
+    parser.add_argument("--list-sources", action="store_true", help="print the suite's source domains and exit")
+    parser.add_argument("--ckpt", nargs="+", default=[],
+                        help="checkpoint file(s) or folder(s) of <source>/ckpt.pt; label=path names a variant")
+    parser.add_argument("--data", default="data/synth", help="root of the prepared domains")
+    parser.add_argument("--split", default="test", help="target split to evaluate")
+    parser.add_argument("--out", default="out/eval", help="suite: output folder; predict: output GeoTIFF")
+    parser.add_argument("--window", type=int, default=None, help="sliding-window size (default: whole tiles; "
+                                                                  "predict: the model's tile size)")
+    parser.add_argument("--stride", type=int, default=None, help="sliding-window step (default 3/4 window)")
+    parser.add_argument("--blend", choices=["cosine", "constant"], default="cosine")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--block", type=int, default=1024, help="predict: pixels per output block and TIFF tile")
+    parser.add_argument("--unit", choices=["db", "intensity", "amplitude", "complex", "real", "imag"],
+                        help="predict: the scene's pixel unit, checked against the model's")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    if args.list_sources:
+        benchmarks = suites.load(args.suite or "synthetic", args.data)
+        print("\n".join(dict.fromkeys(b["source"] for b in benchmarks)))
+        return
+    if not args.ckpt:
+        parser.error("--ckpt is required")
+    if bool(args.suite) == bool(args.predict):
+        parser.error("choose one of --suite or --predict")
+    if args.window and not args.stride:
+        args.stride = args.window * 3 // 4
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if ddp:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    try:
+        if args.predict:
+            if args.out == "out/eval":
+                parser.error("--predict needs --out mask.tif")
+            predict_scene(args, device)
+        else:
+            run_suite(args, device, rank, world)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if ddp:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""eval.py: metrics against a hand-computed example, sliding windows, the suite tables, whole-scene prediction."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+
+import eval as E
+from nanosar import sim
+from nanosar.metrics import confusion_matrix, segmentation_scores
+from nanosar.model import SARConfig, Segmenter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_metrics_against_a_hand_computed_example():
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 255, 0]])
+    pred = torch.tensor([[0, 1, 1, 1], [2, 0, 1, 3]])          # class 3 predicted but absent: counts as FP
+    cm = confusion_matrix(pred, target, num_classes=5)
+    assert cm.dtype == torch.int64 and cm.sum() == 7
+    s = segmentation_scores(cm)
+    # class 0: TP 1, FP 1 (gt 2), FN 2 -> IoU 1/4; class 1: TP 2, FP 1 -> 2/3; class 2: TP 1, FN 1 -> 1/2;
+    # class 3: TP 0, FP 1 -> 0; class 4 absent from both -> NaN, not in the mean
+    assert s["iou"][:4] == pytest.approx([1 / 4, 2 / 3, 1 / 2, 0.0]) and math.isnan(s["iou"][4])
+    assert s["miou"] == pytest.approx((1 / 4 + 2 / 3 + 1 / 2 + 0) / 4)
+    assert s["accuracy"] == pytest.approx(4 / 7)
+    assert s["f1"][:4] == pytest.approx([2 * 1 / (3 + 2), 2 * 2 / (2 + 3), 2 * 1 / (2 + 1), 0.0])
+    with pytest.raises(ValueError, match="outside"):
+        confusion_matrix(torch.tensor([7]), torch.tensor([0]), 5)
+
+
+# -----------------------------------------------------------------------------
+# sliding windows
+
+
+def pointwise(x):
+    """A model whose output at a pixel depends on that pixel only (a fixed 1x1 'convolution')."""
+    w = torch.tensor([[1.0, -2.0], [0.5, 3.0], [-1.0, 1.0]])   # (K=3, C=2)
+    return torch.einsum("kc,bchw->bkhw", w, x) + torch.sin(x[:, :1])
+
+
+@pytest.mark.parametrize("blend", ["cosine", "constant"])
+@pytest.mark.parametrize("shape, window, stride", [((50, 70), 16, 12), ((33, 17), 16, 16), ((10, 12), 16, 8)])
+def test_sliding_window_of_a_pointwise_model_equals_whole_image(shape, window, stride, blend):
+    image = torch.randn(2, *shape)
+    whole = pointwise(image[None])[0]
+    read = lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1]  # noqa: E731
+    slid = E.sliding_window_logits(pointwise, read, shape, (0, *shape[:1], 0, shape[1]), window, stride, blend)
+    torch.testing.assert_close(slid, whole)
+
+
+def test_region_by_region_equals_all_at_once_for_a_real_model():
+    """Blocks see the same global window grid, so the scene predictor's blocks reproduce one big pass."""
+    torch.manual_seed(0)
+    model = Segmenter(SARConfig.preset("tiny", input_unit="intensity")).eval()
+    image = torch.rand(1, 100, 90)
+    read = lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1]  # noqa: E731
+    forward = lambda x: model(x).logits  # noqa: E731
+    with torch.no_grad():
+        full = E.sliding_window_logits(forward, read, (100, 90), (0, 100, 0, 90), 64, 48)
+        parts = [E.sliding_window_logits(forward, read, (100, 90), (y, y + 50, x, x + 45), 64, 48)
+                 for y in (0, 50) for x in (0, 45)]
+    stitched = torch.cat([torch.cat(parts[:2], 2), torch.cat(parts[2:], 2)], 1)
+    torch.testing.assert_close(stitched, full, rtol=1e-5, atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# the suite
+
+
+def save_checkpoint(path, cfg, data):
+    torch.manual_seed(0)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    torch.save({"model": Segmenter(cfg).state_dict(), "model_args": asdict(cfg), "config": {"data": data}}, path)
+
+
+TINY = dict(input_unit="db", channels=("HH",), class_names=tuple(sim.CLASSES_7))
+
+
+@pytest.fixture(scope="module")
+def suite_root(tmp_path_factory):
+    """A miniature synthetic suite: 64x64 test tiles for the N-G3-HH-db source and all its targets."""
+    root = tmp_path_factory.mktemp("suite")
+    source = sim.D("N", "G3", "HH")
+    targets = {t for _, _, s, t in sim.BENCHMARKS if s == source}
+    for domain in {source} | targets:
+        sim.write_domain(str(root / domain.name / "test"), domain, "test", 4, 64)
+    suite = [{"code": c, "gap": g, "factors": sorted(sim.GAP_FACTORS[g]), "source": s.name, "target": t.name,
+              "group": "multi-gap" if "+" in g else "single-gap"} for c, g, s, t in sim.BENCHMARKS]
+    (root / "suite.json").write_text(json.dumps({"benchmarks": suite}))
+    return root
+
+
+def test_suite_writes_tables_in_the_paper_layout(suite_root, tmp_path):
+    ckpts = tmp_path / "ckpts"
+    save_checkpoint(str(ckpts / "N-G3-HH-db" / "ckpt.pt"), SARConfig.preset("tiny", **TINY), "x/N-G3-HH-db")
+    E.main(["--suite", "synthetic", "--data", str(suite_root), "--ckpt", f"physics={ckpts}", "--out", str(tmp_path)])
+    md = (tmp_path / "synthetic.md").read_text()
+    results = json.loads((tmp_path / "synthetic.json").read_text())["results"]["physics"]
+    assert set(results) == {"N2S", "N2A", "HH2VV", "HH2HV", "NC2AX"}
+    assert "## single-gap" in md and "## multi-gap" in md and "| physics |" in md
+    assert "| model | N2S | S2N | N2A | A2N | VV2HH |" in md
+    for code, r in results.items():
+        assert 0 <= r["miou"] <= 1 and r["tiles"] == 4
+        assert len(r["expert_load"]) == 4 and sum(r["expert_load"][0]) == pytest.approx(1.0)
+        assert len(r["mean_descriptors"]) == 3
+    assert f"| {results['N2S']['miou'] * 100:.1f} |" in md.replace("| physics | ", "| ")
+
+
+def test_paper_suite_definition_keeps_reported_and_inferred_apart():
+    from nanosar import suites
+
+    assert len(suites.PAPER) == 22
+    assert sum(b["group"] == "single-gap" for b in suites.PAPER) == 12
+    reported = [b["code"] for b in suites.PAPER if b["status"] == "reported"]
+    assert {"N2S", "S2N", "VV2F", "HH2F", "C(r)2R", "C(i)2R", "F2A", "A2F", "O2D", "D2O", "S2A", "D2F", "W2D"} \
+        == set(reported)
+    a2f = next(b for b in suites.PAPER if b["code"] == "A2F")
+    assert a2f["paper_miou"]["DINOv2"] == 15.5 and a2f["paper_miou"]["CrossEarth-SAR-L*"] == 27.0
+
+
+def test_eval_under_two_processes_matches_one(suite_root, tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    save_checkpoint(str(ckpt), SARConfig.preset("tiny", **TINY), "x/N-G3-HH-db")
+    args = ["eval.py", "--suite", "synthetic", "--data", str(suite_root), "--ckpt", str(ckpt), "--batch", "3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+                          "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
+    a, b = (json.loads((tmp_path / n / "synthetic.json").read_text())["results"]["ckpt.pt"] for n in ("one", "two"))
+    for code in a:
+        assert a[code]["iou"] == pytest.approx(b[code]["iou"], nan_ok=True)
+        assert b[code]["tiles"] == 4
+
+
+def test_contract_mismatches_are_clear_errors():
+    cfg = SARConfig.preset("tiny", **TINY)
+    meta = dict(channels=["HH"], unit="db", class_names=list(sim.CLASSES_7))
+    E.check_contract(cfg, meta, set(), "t")
+    with pytest.raises(ValueError, match="2 channel"):
+        E.check_contract(cfg, dict(meta, channels=["re", "im"]), set(), "t")
+    with pytest.raises(ValueError, match="unit 'amplitude' but the model was trained on 'db'"):
+        E.check_contract(cfg, dict(meta, unit="amplitude"), {"region"}, "t")
+    E.check_contract(cfg, dict(meta, unit="amplitude"), {"representation"}, "t")     # the complex-value gap
+    with pytest.raises(ValueError, match=r"channels \['VV'\] but the model was trained on \['HH'\]"):
+        E.check_contract(cfg, dict(meta, channels=["VV"]), {"region"}, "t")
+    E.check_contract(cfg, dict(meta, channels=["VV"]), {"polarization"}, "t")
+    with pytest.raises(ValueError, match=r"classes \['glacier'\] are unknown"):
+        E.check_contract(cfg, dict(meta, class_names=["other", "glacier"]), set(), "t")
+
+
+# -----------------------------------------------------------------------------
+# whole-scene prediction
+
+
+GEO = {33550: (10.0, 10.0, 0.0), 33922: (0.0, 0.0, 0.0, 500000.0, 4000000.0, 0.0), 34735: (1, 1, 0, 1, 1024, 0, 1, 1)}
+
+
+def write_scene(path, image, geo=True, nodata=None, **kwargs):
+    tags = [(33550, 12, 3, GEO[33550], True), (33922, 12, 6, GEO[33922], True), (34735, 3, 8, GEO[34735], True)]
+    if nodata is not None:
+        tags.append((42113, 2, 0, str(nodata), True))
+    tifffile.imwrite(path, image, extratags=tags if geo else (tags[3:] if nodata is not None else []), **kwargs)
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    path = str(tmp_path / "model.pt")
+    save_checkpoint(path, SARConfig.preset("tiny", **TINY), "x/N-G3-HH-db")
+    return path
+
+
+def test_predict_scene_is_georeferenced_tiled_compressed_and_exact(tmp_path, tiny_ckpt):
+    rng = np.random.default_rng(0)
+    image = (rng.standard_normal((300, 410)) * 4 - 12).astype(np.float32)
+    image[:20, :30] = -9999.0                                       # nodata corner
+    image[100, 100] = np.nan
+    scene, mask = str(tmp_path / "scene.tif"), str(tmp_path / "mask.tif")
+    write_scene(scene, image, nodata=-9999, tile=(64, 64), compression="zlib")
+    E.main(["--predict", scene, "--ckpt", tiny_ckpt, "--out", mask, "--block", "128", "--unit", "db"])
+    with tifffile.TiffFile(mask) as tif:
+        page = tif.pages[0]
+        out = page.asarray()
+        assert out.shape == (300, 410) and out.dtype == np.uint8
+        assert page.is_tiled and page.tilelength == 128 and page.compression == 8      # deflate
+        assert page.tags[33550].value == GEO[33550] and page.tags[33922].value == GEO[33922]
+        assert page.tags[34735].value == GEO[34735] and page.tags[42113].value == "255"
+    assert (out[:20, :30] == 255).all() and out[100, 100] == 255 and (out[20:, 30:] < 7).sum() == 280 * 380 - 1
+    # the same numbers as one in-memory sliding window over the whole scene
+    model, _ = E.load_model(tiny_ckpt, "cpu")
+    read, _ = E.scene_pixels(E.TiffWindows(scene), model.cfg, "db")
+    with torch.no_grad():
+        ref = E.sliding_window_logits(lambda x: model(x).logits, read, (300, 410), (0, 300, 0, 410), 64, 48)
+    ref = ref.argmax(0).numpy()
+    valid = out != 255
+    assert (out[valid] == ref[valid]).mean() == 1.0
+
+
+def test_predict_scene_bad_inputs(tmp_path, tiny_ckpt):
+    two_band = str(tmp_path / "two.tif")
+    write_scene(two_band, np.zeros((2, 64, 64), np.float32), photometric="minisblack", planarconfig="separate")
+    with pytest.raises(SystemExit):
+        E.main(["--predict", two_band, "--ckpt", tiny_ckpt, "--out", str(tmp_path / "m.tif")])
+    with pytest.raises(ValueError, match=r"2 band\(s\), but the model expects 1"):
+        E.scene_pixels(E.TiffWindows(two_band), E.load_model(tiny_ckpt, "cpu")[0].cfg, None)
+    complex_scene = str(tmp_path / "slc.tif")
+    write_scene(complex_scene, np.ones((64, 64), np.complex64))
+    with pytest.raises(ValueError, match="complex pixels, but the model expects 'db'"):
+        E.scene_pixels(E.TiffWindows(complex_scene), E.load_model(tiny_ckpt, "cpu")[0].cfg, None)
+    with pytest.raises(ValueError, match="is in 'amplitude', but the model expects 'db'"):
+        E.scene_pixels(E.TiffWindows(complex_scene), E.load_model(tiny_ckpt, "cpu")[0].cfg, "amplitude")
+    plain = str(tmp_path / "plain.tif")
+    write_scene(plain, np.zeros((64, 64), np.float32), geo=False)
+    with pytest.warns(UserWarning, match="no georeferencing"):
+        E.main(["--predict", plain, "--ckpt", tiny_ckpt, "--out", str(tmp_path / "p.tif")])
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
