@@ -6,7 +6,9 @@ Benchmark of nanosar/model.py (a script, not a test): prints figures, measured i
 
 1. Forward tiles/s and peak memory of each preset with each dispatch, next to a dense ViT of the same
    active size (n_experts=1).
-2. One MoE FFN layer (E experts, top-k) against a dense FFN with the same active FLOPs (hidden k*Dh),
+2. Training steps (forward, backward, AdamW) per second and peak memory of each preset, MoE against
+   the dense ViT of the same active size (the issue-5 target: large >= 0.85x dense, batch 16 fits).
+3. One MoE FFN layer (E experts, top-k) against a dense FFN with the same active FLOPs (hidden k*Dh),
    forward and forward+backward, for each dispatch (loop, grouped, and the extension's kernels if built).
 """
 
@@ -68,6 +70,24 @@ def forward_rate(model, x, dtype, device, reps):
     return x.shape[0] / seconds, peak_memory_gib(device, forward)
 
 
+def train_rate(model, x, dtype, device, reps):
+    """Training tiles/s (forward, backward, AdamW step, bf16 autocast on GPU) and peak GiB (None on CPU)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    labels = torch.randint(0, model.cfg.num_classes, (x.shape[0], *x.shape[-2:]), device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = model(x)
+            loss = torch.nn.functional.cross_entropy(out.logits.float(), labels) + out.aux_loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    seconds = time_call(step, device, warmup=1, reps=reps)
+    return x.shape[0] / seconds, peak_memory_gib(device, step)
+
+
 def layer_times(layer, z, s, device, reps):
     """Median forward and forward+backward seconds of a dense Mlp or an MoEFFN on z (1, T, D)."""
     run = (lambda: layer(z)) if isinstance(layer, Mlp) else (lambda: layer(z, s)[0])
@@ -99,6 +119,24 @@ def bench_presets(args, device, dtype):
             print(f"{name:8s} {variant:14s} {rate:9.2f} {rate / dense_rate:8.2f}x {peak_txt}")
 
 
+def bench_training(args, device, dtype):
+    print(f"\n== training step, {args.size}x{args.size}, batch {args.train_batch}, {dtype}, {device.type} ==")
+    print(f"{'preset':8s} {'variant':14s} {'tiles/s':>9s} {'vs dense':>9s} {'peak GiB':>9s}")
+    for name in args.presets:
+        x = torch.randn(args.train_batch, 1, args.size, args.size, device=device) * 3 - 12
+        variants = [("dense", dict(n_experts=1))] + [(f"moe-{v}", dict(moe_dispatch=v)) for v in moe_variants(device)
+                                                     if v != "loop"]
+        dense_rate = None
+        for variant, overrides in variants:
+            model = Segmenter(SARConfig.preset(name, **overrides)).to(device)
+            rate, peak = train_rate(model, x, dtype, device, args.reps)
+            model = None
+            free_cuda_cache(device)
+            dense_rate = dense_rate or rate
+            peak_txt = f"{peak:9.2f}" if peak is not None else f"{'-':>9s}"
+            print(f"{name:8s} {variant:14s} {rate:9.2f} {rate / dense_rate:8.2f}x {peak_txt}", flush=True)
+
+
 def bench_moe_layer(args, device, dtype):
     T, D, Dh = args.tokens, args.width, 4 * args.width
     print(f"\n== one FFN layer: T={T} tokens, D={D}, Dh={Dh}, {dtype}, {device.type}; dense FFN has hidden k*Dh ==")
@@ -126,6 +164,7 @@ def main():
     parser.add_argument("--presets", nargs="+", default=None, help="default: tiny small (cpu), small large (cuda)")
     parser.add_argument("--size", type=int, default=None, help="tile size; default 64 (cpu), 512 (cuda)")
     parser.add_argument("--batch", type=int, default=None, help="default 2 (cpu), 32 (cuda)")
+    parser.add_argument("--train-batch", type=int, default=None, help="training step batch; default 2 (cpu), 16 (cuda)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"], help="default fp32 cpu, bf16 cuda")
     parser.add_argument("--tokens", type=int, default=None, help="MoE layer tokens; default 2048 (cpu), 32768 (cuda)")
     parser.add_argument("--width", type=int, default=None, help="MoE layer width D; default 256 (cpu), 1024 (cuda)")
@@ -137,6 +176,7 @@ def main():
     args.presets = args.presets or (["small", "large"] if gpu else ["tiny", "small"])
     args.size = args.size or (512 if gpu else 64)
     args.batch = args.batch or (32 if gpu else 2)
+    args.train_batch = args.train_batch or (16 if gpu else 2)
     args.tokens = args.tokens or (32768 if gpu else 2048)
     args.width = args.width or (1024 if gpu else 256)
     args.experts = args.experts or ([6, 16, 64] if gpu else [6])
@@ -144,6 +184,7 @@ def main():
     if gpu:
         print(f"device: {torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     bench_presets(args, device, dtype)
+    bench_training(args, device, dtype)
     bench_moe_layer(args, device, dtype)
 
 
