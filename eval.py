@@ -14,6 +14,7 @@ confusion matrices are summed.
 """
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -301,6 +302,15 @@ def scene_pixels(scene, model_cfg, unit):
     return read, lambda *r: invalid(raw(*r))
 
 
+def release_freed_memory():
+    """Hand freed heap memory back to the OS (glibc's malloc_trim): without it the allocator keeps the
+    freed buffers of every block, and the resident memory of a long scene creeps up with its size."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def predict_scene(args, device):
     """Sliding-window prediction of a large GeoTIFF, block by block (memory independent of the scene size),
     written as a tiled, deflate-compressed GeoTIFF of class ids with the input's georeferencing."""
@@ -339,6 +349,7 @@ def predict_scene(args, device):
                 done = sum(min(block, H - by) * min(block, W - bx) for by, bx in blocks[:i + 1])
                 print(f"  block {i + 1}/{len(blocks)}: {100 * done / (H * W):.0f}% of the scene, "
                       f"{done / (time.time() - t0) / 1e6:.2f} Mpixel/s", flush=True)
+            release_freed_memory()
             yield out
 
     extratags = [(TAG_CODES[name], TAG_TYPES[name], 0 if TAG_TYPES[name] == 2 else len(value), value, True)

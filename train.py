@@ -21,7 +21,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
@@ -368,6 +368,10 @@ def main(argv):
         path = cfg["init"][len("ckpt:"):]
         source = load_checkpoint(path)
         check_same_architecture(source["model_args"], model_cfg, path)
+        # the backbone keeps the input normalisation it was trained with
+        model_cfg = replace(model_cfg, pixel_mean=tuple(source["model_args"]["pixel_mean"]),
+                            pixel_std=tuple(source["model_args"]["pixel_std"]))
+        model = Segmenter(model_cfg)
         backbone = {k[len("backbone."):]: v for k, v in source["model"].items() if k.startswith("backbone.")}
         model.backbone.load_state_dict(backbone)
     trainable_backbone = cfg["phase"] == "cpt"
