@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from nanosar import suites
-from nanosar.data import GEOTIFF_TAGS, IGNORE, Split, TiffWindows, load_batch, tile_positions
+from nanosar.data import GEOTIFF_TAGS, IGNORE, Split, TiffWindows, load_batch, tile_positions, write_text_atomic
 from nanosar.metrics import confusion_matrix, segmentation_scores
 from nanosar.model import SARConfig, Segmenter
 
@@ -201,8 +201,8 @@ def run_suite(args, device, rank, world):
         markdown = suite_markdown(args.suite, benchmarks, results)
         print("\n" + markdown)
         os.makedirs(args.out, exist_ok=True)
-        write_atomic(os.path.join(args.out, f"{args.suite}.md"), markdown)
-        write_atomic(os.path.join(args.out, f"{args.suite}.json"),
+        write_text_atomic(os.path.join(args.out, f"{args.suite}.md"), markdown)
+        write_text_atomic(os.path.join(args.out, f"{args.suite}.json"),
                      json.dumps({"suite": args.suite, "benchmarks": benchmarks, "results": results}, indent=1))
         print(f"wrote {args.out}/{args.suite}.md and .json")
 
@@ -248,13 +248,6 @@ def suite_markdown(name, benchmarks, results):
             lines.append(f"| {target} | {h:.2f} | {enl:.3g} | {r:.3g} | {busiest} |")
         lines.append("")
     return "\n".join(lines)
-
-
-def write_atomic(path, text):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------

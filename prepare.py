@@ -20,13 +20,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 from nanosar import sim
 from nanosar.convert import CONVERTERS, LAYOUT
-
-
-def write_json_atomic(path, obj):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+from nanosar.data import write_text_atomic
 
 
 def _write_domain_splits(job):
@@ -56,7 +50,7 @@ def prepare_synthetic(out, tile=128, train_tiles=256, test_tiles=64, seed=0, wor
             for code, gap, source, target in sim.BENCHMARKS
         ],
     }
-    write_json_atomic(os.path.join(out, "suite.json"), suite)
+    write_text_atomic(os.path.join(out, "suite.json"), json.dumps(suite, indent=1))
     print(f"wrote {len(jobs)} domains and {out}/suite.json in {time.time() - t0:.0f} s")
 
 

@@ -32,6 +32,14 @@ UNITS = ("intensity", "amplitude", "db", "complex", "real", "imag")
 NPY_HEADER_BYTES = 256  # fixed-size .npy header, so the tile count can be filled in when writing ends
 
 
+def write_text_atomic(path, text):
+    """Write a text file under a temporary name, then rename it into place."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def npy_header(shape, dtype):
     """A version-1.0 .npy header of exactly NPY_HEADER_BYTES bytes for a C-ordered array."""
     header = repr({"descr": np.dtype(dtype).str, "fortran_order": False, "shape": tuple(shape)})
