@@ -119,6 +119,14 @@ def sliding_window_logits(forward, read, shape, region, window, stride, blend="c
     return logits / total
 
 
+def sliding_logits_of_tile(model, image, window, stride, blend, batch, device):
+    """Sliding-window logits (K, H, W) of one in-memory image (C, H, W)."""
+    H, W = image.shape[-2:]
+    read = lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1].cpu()  # noqa: E731
+    return sliding_window_logits(lambda x: model(x).logits, read, (H, W), (0, H, 0, W), window, stride, blend,
+                                 batch, device)
+
+
 # -----------------------------------------------------------------------------
 # evaluation of one split, with routing statistics
 
@@ -140,11 +148,9 @@ def evaluate_split(model, split, device, batch=16, window=None, stride=None, ble
             batch_load = out.expert_load
             descriptors += out.descriptors.double().sum(0)
         else:
-            H, W = images.shape[-2:]
-            logits = torch.stack([sliding_window_logits(lambda x: model(x).logits, lambda y0, y1, x0, x1, im=im:
-                                                        im[:, y0:y1, x0:x1].cpu(), (H, W), (0, H, 0, W), window,
-                                                        stride, blend, batch, device) for im in images])
-            batch_load = torch.zeros(0, 1, dtype=torch.long, device=device)
+            logits = torch.stack([sliding_logits_of_tile(model, image, window, stride, blend, batch, device)
+                                  for image in images])
+            batch_load = torch.zeros(0, 1, dtype=torch.long, device=device)   # routing stats: whole tiles only
         cm += confusion_matrix(logits.argmax(1), labels, K)
         load = batch_load.clone() if load is None else load + batch_load
         images_seen += len(images)

@@ -157,12 +157,15 @@ class TileStream:
 
 
 def read_tiles(splits, pairs):
-    images, labels = [], []
-    for s, i in pairs:
-        image, label = load_batch(splits[s], [i])
-        images.append(image[0])
-        labels.append(label[0])
-    return torch.stack(images), torch.stack(labels)
+    """(split, tile) pairs -> images (B, C, H, W) float32, labels (B, H, W) int64, in the pairs' order;
+    one batched read per split."""
+    images = torch.empty(len(pairs), *splits[0].images.shape[1:])
+    labels = torch.empty(len(pairs), *splits[0].labels.shape[1:], dtype=torch.long)
+    for s, split in enumerate(splits):
+        where = [b for b, (t, _) in enumerate(pairs) if t == s]
+        if where:
+            images[where], labels[where] = load_batch(split, [pairs[b][1] for b in where])
+    return images, labels
 
 
 def dihedral(x, k):

@@ -223,3 +223,13 @@ def test_predict_scene_bad_inputs(tmp_path, tiny_ckpt):
     with pytest.warns(UserWarning, match="no georeferencing"):
         E.main(["--predict", plain, "--ckpt", tiny_ckpt, "--out", str(tmp_path / "p.tif")])
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def test_sliding_window_evaluation_with_one_window_per_tile_equals_whole_tiles(suite_root):
+    """A window the size of the tile covers it once (the blend weights divide out): same scores."""
+    torch.manual_seed(0)
+    model = Segmenter(SARConfig.preset("tiny", **TINY)).eval()
+    split = E.Split(str(suite_root / "N-G3-HH-db" / "test"))
+    whole = E.evaluate_split(model, split, "cpu", batch=3)
+    slid = E.evaluate_split(model, split, "cpu", batch=3, window=64, stride=48)
+    assert slid["iou"] == pytest.approx(whole["iou"], nan_ok=True) and slid["accuracy"] == whole["accuracy"]
