@@ -27,7 +27,11 @@ import torch
 import torch.distributed as dist
 
 from nanosar import suites
-from nanosar.data import GEOTIFF_TAGS, IGNORE, Split, TiffWindows, load_batch, tile_positions, write_text_atomic
+from nanosar.checkpoint import load_checkpoint
+from nanosar.files import write_atomic, write_text_atomic
+from nanosar.data import IGNORE, Split, load_batch, tile_positions
+from nanosar.geotiff import GEOTIFF_TAGS, TiffWindows
+from nanosar.units import UNITS, check_plausible
 from nanosar.metrics import confusion_matrix, segmentation_scores
 from nanosar.model import SARConfig, Segmenter
 
@@ -36,10 +40,9 @@ from nanosar.model import SARConfig, Segmenter
 
 
 def load_model(path, device):
-    """Segmenter in eval mode from a train.py checkpoint, and the checkpoint dict."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    """Segmenter in eval mode from a train.py checkpoint (only its model, model_args and config are read,
+    checksums verified), and that part of the checkpoint dict."""
+    ckpt = load_checkpoint(path, parts=("model", "model_args", "config"))
     model = Segmenter(SARConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt
@@ -90,7 +93,8 @@ def sliding_window_logits(forward, read, shape, region, window, stride, blend="c
     Windows lie on one grid over the whole image (window x window, step `stride`, the last aligned to the
     edge), so computing the image region by region gives the same numbers as computing it at once.
     read(y0, y1, x0, x1) -> (C, h, w) float tensor; forward((B, C, window, window)) -> (B, K, window, window).
-    Images smaller than a window are padded with zeros (the padding gets no weight in the output).
+    Images smaller than a window are mirrored into it (pad_to_window), so the model sees SAR-like texture
+    rather than a flat border; the padding gets no weight in the output.
     """
     H, W = shape
     y0, y1, x0, x1 = region
@@ -105,8 +109,7 @@ def sliding_window_logits(forward, read, shape, region, window, stride, blend="c
         chunk = starts[b:b + batch]
         tiles = torch.zeros(len(chunk), *read(0, 1, 0, 1).shape[:1], window, window)
         for i, (y, x) in enumerate(chunk):
-            part = read(y, y + window, x, x + window)
-            tiles[i, :, :part.shape[1], :part.shape[2]] = part
+            tiles[i] = pad_to_window(read(y, y + window, x, x + window), window)
         out = forward(tiles.to(device)).float()                               # (B, K, window, window)
         if logits is None:
             logits = torch.zeros(out.shape[1], y1 - y0, x1 - x0, device=device)
@@ -117,6 +120,17 @@ def sliding_window_logits(forward, read, shape, region, window, stride, blend="c
             logits[:, ty0 - y0:ty1 - y0, tx0 - x0:tx1 - x0] += out[i, :, ty0 - y:ty1 - y, tx0 - x:tx1 - x] * w
             total[ty0 - y0:ty1 - y0, tx0 - x0:tx1 - x0] += w
     return logits / total
+
+
+def pad_to_window(part, window):
+    """(C, h, w) -> (C, window, window): the part at the top left, mirrored (symmetric reflection, repeated
+    as often as needed) into the rest. A neutral fill: speckle statistics and descriptors stay those of the
+    image, where zeros (or the mean) would add a flat, featureless border."""
+    h, w = part.shape[-2:]
+    if (h, w) == (window, window):
+        return part
+    padded = np.pad(part.numpy(), ((0, 0), (0, window - h), (0, window - w)), mode="symmetric")
+    return torch.from_numpy(padded)
 
 
 def sliding_logits_of_tile(model, image, window, stride, blend, batch, device):
@@ -167,15 +181,20 @@ def evaluate_split(model, split, device, batch=16, window=None, stride=None, ble
 # the suite
 
 
-def checkpoint_for(spec, source):
-    """The checkpoint of `source`: spec is a folder holding <source>/ckpt.pt, or one ckpt.pt (used only for
-    the benchmarks whose source is the domain it was trained on)."""
+CHECKPOINT_NAMES = {"best": "best.pt", "last": "ckpt.pt"}   # train.py's files in a run folder
+
+
+def checkpoint_for(spec, source, which="best"):
+    """The checkpoint of `source`: spec is a folder holding <source>/{best,ckpt}.pt (which = "best": the one
+    with the best source-validation mIoU; "last": the final one), or one checkpoint file (used only for the
+    benchmarks whose source is the domain it was trained on)."""
     if os.path.isdir(spec):
-        path = os.path.join(spec, source, "ckpt.pt")
+        path = os.path.join(spec, source, CHECKPOINT_NAMES[which])
+        if which == "best" and not os.path.isfile(path) and os.path.isfile(os.path.join(spec, source, "ckpt.pt")):
+            raise FileNotFoundError(f"{path} not found but ckpt.pt is there: the run never evaluated on source "
+                                    f"validation tiles; pass --which last to use its final checkpoint")
         return path if os.path.isfile(path) else None
-    if not os.path.isfile(spec):
-        raise FileNotFoundError(f"checkpoint {spec} not found")
-    trained_on = torch.load(spec, map_location="cpu", weights_only=False)["config"]["data"]
+    trained_on = load_checkpoint(spec, parts=("config",))["config"]["data"]
     return spec if os.path.basename(trained_on.rstrip("/")) == source else None
 
 
@@ -187,10 +206,12 @@ def run_suite(args, device, rank, world):
         results[label] = {}
         cache = {}
         for bench in benchmarks:
-            path = checkpoint_for(spec, bench["source"])
+            path = checkpoint_for(spec, bench["source"], args.which)
             if path is None:
                 continue
-            model, _ = cache.get(path) or cache.setdefault(path, load_model(path, device))
+            if path not in cache:                                    # each checkpoint is read once
+                cache[path] = load_model(path, device)
+            model, _ = cache[path]
             target = os.path.join(args.data, bench["target"], args.split)
             split = Split(target)
             check_contract(model.cfg, split.meta, set(bench.get("factors", [])), target)
@@ -310,9 +331,39 @@ def release_freed_memory():
         pass
 
 
+def check_output_path(out, inputs):
+    """Refuse an output that is a folder, sits in a missing folder, or is one of the inputs (also through
+    links): the input would be replaced by the mask."""
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a directory; give the output file name, e.g. {out.rstrip('/')}/mask.tif")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {out}: the folder {folder} does not exist")
+    for path in inputs:
+        if os.path.exists(out) and os.path.exists(path) and os.path.samefile(out, path):
+            raise ValueError(f"--out {out} is the input {path}: it would be overwritten; choose another name")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {out}: cannot write to {folder} (read-only or no permission)")
+
+
+def check_scene_values(scene, unit, path):
+    """Stop when a window from the scene's middle cannot be in `unit` (units.check_plausible: a dB model
+    fed DN or amplitude would see 10^(x/10) overflow), saying which --unit to pass."""
+    y, x, h, w = scene.height // 2, scene.width // 2, min(512, scene.height), min(512, scene.width)
+    sample = scene.read(y - h // 2, y + h - h // 2, x - w // 2, x + w - w // 2)
+    sample = sample.real if np.iscomplexobj(sample) else sample
+    if scene.nodata is not None and sample.dtype.kind == "f":   # declared no-data is not a measurement
+        sample = np.where(sample == scene.nodata, np.nan, sample.astype(np.float64))
+    try:
+        check_plausible(sample, unit, path)
+    except ValueError as e:
+        raise ValueError(f"{e}; pass --unit with what the scene holds (the model reads {unit!r})") from None
+
+
 def predict_scene(args, device):
     """Sliding-window prediction of a large GeoTIFF, block by block (memory independent of the scene size),
     written as a tiled, deflate-compressed GeoTIFF of class ids with the input's georeferencing."""
+    check_output_path(args.out, [args.predict, args.ckpt[0]])
     model, _ = load_model(args.ckpt[0], device)
     cfg = model.cfg
     scene = TiffWindows(args.predict)
@@ -322,6 +373,7 @@ def predict_scene(args, device):
         print(f"assuming {args.predict} holds {list(cfg.channels) or cfg.in_chans} in {cfg.input_unit!r}, the model's "
               f"unit (say --unit to check it)")
     read, invalid = scene_pixels(scene, cfg, args.unit)
+    check_scene_values(scene, cfg.input_unit, args.predict)
     H, W = scene.height, scene.width
     window = args.window or cfg.img_size
     stride = args.stride or window * 3 // 4
@@ -356,21 +408,27 @@ def predict_scene(args, device):
     extratags.append((TAG_CODES["GDAL_NODATA"], 2, 0, str(IGNORE), True))
     import tifffile
 
-    tmp = f"{args.out}.tmp-{os.getpid()}"
-    try:
+    def write(tmp):
         with tifffile.TiffWriter(tmp, bigtiff=H * W > 2**31) as writer:
             writer.write(tiles(), shape=(H, W), dtype=np.uint8, tile=(block, block), compression="zlib",
                          extratags=extratags, photometric="minisblack")
-        os.replace(tmp, args.out)
+
+    try:
+        write_atomic(args.out, write)
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    scene.close()
+        scene.close()
     print(f"wrote {args.out}: {H}x{W} class ids (255 = nodata) in {time.time() - t0:.1f} s, window {window}, "
           f"stride {stride}, {args.blend} blending")
 
 
 # -----------------------------------------------------------------------------
+
+
+def one_line(error):
+    """The message of an error for a person: an OSError's file name and reason, else its text."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
+    return str(error)
 
 
 def main(argv=None):
@@ -386,12 +444,17 @@ def main(argv=None):
     parser.add_argument("--window", type=int, default=None, help="sliding-window size (default: whole tiles; "
                                                                   "predict: the model's tile size)")
     parser.add_argument("--stride", type=int, default=None, help="sliding-window step (default 3/4 window)")
-    parser.add_argument("--blend", choices=["cosine", "constant"], default="cosine")
-    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--which", choices=["best", "last"], default="best",
+                        help="with run folders: best.pt (best source-validation mIoU, the default) or ckpt.pt "
+                             "(the final iteration)")
+    parser.add_argument("--blend", choices=["cosine", "constant"], default="cosine",
+                        help="weights of overlapping windows: cosine (Hann) or constant (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=16, help="windows or tiles per forward (default: %(default)s)")
     parser.add_argument("--block", type=int, default=1024, help="predict: pixels per output block and TIFF tile")
-    parser.add_argument("--unit", choices=["db", "intensity", "amplitude", "complex", "real", "imag"],
+    parser.add_argument("--unit", choices=UNITS,
                         help="predict: the scene's pixel unit, checked against the model's")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                        help="auto = cuda if available (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.list_sources:
         benchmarks = suites.load(args.suite or "synthetic", args.data)
@@ -403,6 +466,10 @@ def main(argv=None):
         parser.error("choose one of --suite or --predict")
     if args.window and not args.stride:
         args.stride = args.window * 3 // 4
+    if args.batch < 1 or (args.window is not None and args.window < 1) or args.block < 16:
+        parser.error("--batch and --window must be >= 1 and --block >= 16")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but no CUDA GPU is visible to this process")
     ddp = int(os.environ.get("RANK", -1)) != -1
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if ddp:
@@ -416,8 +483,8 @@ def main(argv=None):
             predict_scene(args, device)
         else:
             run_suite(args, device, rank, world)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"eval.py: error: {e}", file=sys.stderr)
+    except (OSError, ValueError) as e:  # missing or damaged files, bad data, a full disk
+        print(f"eval.py: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     finally:
         if ddp:

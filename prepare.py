@@ -4,23 +4,53 @@ with images.npy (N, C, H, W) float16 in a declared unit, labels.npy (N, H, W) ui
 tiles.jsonl and meta.json.
 
     python prepare.py synthetic --out data/synth                 # the embedded default: the synthetic DG suite
-    python prepare.py <dataset> --root PATH --out DIR [--split train] [--tile 512] [--overlap 64]
-    python prepare.py --help                                     # every dataset with its expected layout
+    python prepare.py <dataset> --root PATH --out DIR [--split train] [--tile N] [--overlap N]
+    python prepare.py --help                                     # every dataset: layout, source, unit
 
 The synthetic suite writes <out>/<domain>/{train,test} for the 13 domains of its 22 sub-benchmarks,
-and <out>/suite.json listing the benchmarks (code, gap, source, target).
+and <out>/suite.json listing the benchmarks (code, gap, source, target) and the settings, with
+"complete": true only once every domain is written. Rerunning an interrupted run resumes it: splits
+already written with the same settings are kept, the others regenerated.
+
+Bad input (a missing folder, a damaged file, a full disk) ends with one line on stderr,
+`prepare.py: error: <file>: <what is wrong and what to do>`, and exit status 2.
 """
 
 import argparse
+import ctypes
 import json
+import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 
 from nanosar import sim
 from nanosar.convert import CONVERTERS, LAYOUT
-from nanosar.data import write_text_atomic
+from nanosar.data import Split, clean_split_debris
+from nanosar.files import RunLock, remove_stale_temporaries, write_text_atomic
+
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal a process gets when its parent dies
+
+
+def _exit_with_parent(parent_pid):
+    """Worker initializer: end this worker when prepare.py ends, even by kill -9 (which runs no cleanup
+    and would leave the pool's workers simulating forever). Linux: the kernel sends SIGTERM when the parent
+    dies (prctl PR_SET_PDEATHSIG); elsewhere a daemon thread polls the parent's pid once a second."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl failed")
+    except (OSError, AttributeError):                     # not Linux: no prctl
+        def watch():
+            while os.getppid() == parent_pid:
+                time.sleep(1.0)
+            os._exit(1)
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent_pid:                        # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _write_domain_splits(job):
@@ -30,28 +60,111 @@ def _write_domain_splits(job):
     return domain.name
 
 
+def _written_with(path, domain, split, n_tiles, size, seed):
+    """True if the split folder `path` holds n_tiles tiles written by sim.write_domain with these settings
+    (so a rerun can keep it); False if it is missing, unreadable or differs in any setting."""
+    try:
+        meta = Split(path).meta
+    except (FileNotFoundError, ValueError):
+        return False
+    expected = json.loads(json.dumps(sim.split_meta(domain, split, size, seed)))    # as JSON stores it
+    return meta["num_tiles"] == n_tiles and all(meta.get(k) == v for k, v in expected.items())
+
+
+def _run(jobs, workers):
+    """Run the domain jobs and yield each finished domain's name: in this process for workers <= 1, else
+    in a pool of spawned workers that end with this process."""
+    if workers <= 1:
+        for job in jobs:
+            yield _write_domain_splits(job)
+        return
+    context = multiprocessing.get_context("spawn")        # workers are children of this process on every OS
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_exit_with_parent,
+                             initargs=(os.getpid(),)) as pool:
+        try:
+            yield from pool.map(_write_domain_splits, jobs)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)            # let running domains finish, start no more
+            raise
+
+
 def prepare_synthetic(out, tile=128, train_tiles=256, test_tiles=64, seed=0, workers=2):
-    """Simulate every domain of the suite (train and test splits) and write suite.json."""
-    os.makedirs(out, exist_ok=True)
+    """Simulate every domain of the suite (train and test splits) and write suite.json.
+
+    suite.json is written first with "complete": false and the settings (tile, seed, tiles per split,
+    generator version), and rewritten with "complete": true at the end, so an interrupted run is never
+    mistaken for a finished one (nanosar.data.check_suite_complete). A rerun keeps every split already
+    written with the same settings (resume) and regenerates the others, so domains of two settings are
+    never mixed. Debris of killed runs is cleaned up first; a second run on the same folder is refused.
+    """
+    tiles = {"train": train_tiles, "test": test_tiles}
+    domains = sim.suite_domains()
     t0 = time.time()
-    jobs = [(out, d, {"train": train_tiles, "test": test_tiles}, tile, seed) for d in sim.suite_domains()]
-    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        for i, name in enumerate(pool.map(_write_domain_splits, jobs)):
-            print(f"[{i + 1}/{len(jobs)}] {name}: {train_tiles} train + {test_tiles} test tiles of {tile}x{tile} "
-                  f"({time.time() - t0:.0f} s)", flush=True)
-    suite = {
-        "name": "synthetic",
-        "description": "nanosar's simulated SAR domain-generalization suite: 12 single-gap and 10 multi-gap "
-                       "sub-benchmarks over the paper's 8 gap types",
-        "tile": tile, "seed": seed,
-        "benchmarks": [
-            {"code": code, "gap": gap, "factors": sorted(sim.GAP_FACTORS[gap]), "source": source.name,
-             "target": target.name, "group": "single-gap" if "+" not in gap else "multi-gap"}
-            for code, gap, source, target in sim.BENCHMARKS
-        ],
-    }
-    write_text_atomic(os.path.join(out, "suite.json"), json.dumps(suite, indent=1))
-    print(f"wrote {len(jobs)} domains and {out}/suite.json in {time.time() - t0:.0f} s")
+    with RunLock(out):
+        remove_stale_temporaries(out)
+        suite = {
+            "name": "synthetic",
+            "description": "nanosar's simulated SAR domain-generalization suite: 12 single-gap and 10 multi-gap "
+                           "sub-benchmarks over the paper's 8 gap types",
+            "complete": False,
+            "tile": tile, "seed": seed, "tiles": tiles, "generator_version": sim.GENERATOR_VERSION,
+            "domains": [d.name for d in domains],
+            "benchmarks": [
+                {"code": code, "gap": gap, "factors": sorted(sim.GAP_FACTORS[gap]), "source": source.name,
+                 "target": target.name, "group": "single-gap" if "+" not in gap else "multi-gap"}
+                for code, gap, source, target in sim.BENCHMARKS
+            ],
+        }
+        write_text_atomic(os.path.join(out, "suite.json"), json.dumps(suite, indent=1))
+        jobs = []
+        for d in domains:
+            clean_split_debris(os.path.join(out, d.name))
+            todo = {split: n for split, n in tiles.items()
+                    if not _written_with(os.path.join(out, d.name, split), d, split, n, tile, seed)}
+            kept = [f"{split} ({n} tiles)" for split, n in tiles.items() if split not in todo]
+            if kept:
+                print(f"{d.name}: resuming, keeping {' and '.join(kept)} already written with tile {tile}, "
+                      f"seed {seed}", flush=True)
+            if todo:
+                jobs.append((out, d, todo, tile, seed))
+        for i, (job, name) in enumerate(zip(jobs, _run(jobs, workers))):
+            written = " + ".join(f"{n} {split}" for split, n in job[2].items())
+            print(f"[{i + 1}/{len(jobs)}] {name}: {written} tiles of {tile}x{tile} ({time.time() - t0:.0f} s)",
+                  flush=True)
+        suite["complete"] = True
+        write_text_atomic(os.path.join(out, "suite.json"), json.dumps(suite, indent=1))
+    written = sum(len(job[2]) for job in jobs)
+    print(f"wrote {written} splits (kept {len(domains) * len(tiles) - written}) and {out}/suite.json "
+          f"in {time.time() - t0:.0f} s")
+
+
+def _one_line(error):
+    """An exception's message on one line, for `prepare.py: error: ...`."""
+    text = error.strerror if isinstance(error, OSError) and error.strerror and not error.filename else str(error)
+    return " ".join(str(text).split()) or type(error).__name__
+
+
+def _converter_options(args):
+    """The keyword arguments of a converter call that the command line sets (the others keep the
+    converter's defaults, e.g. its dataset's tile size)."""
+    options = {"tile": args.tile, "overlap": args.overlap, "split_list": args.split_list}
+    if args.dataset == "air_polsar_seg2":
+        options.update(representation=args.representation, pol=args.pol, scenes=args.scenes)
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def _conversion_summary(path):
+    """One line on what a converter wrote: tiles, shape, unit, and the pixels its report says were dropped."""
+    meta = Split(path).meta
+    report = meta.get("report") or {}
+    dropped = [f"{report.get('nodata_pixels', 0):,} no-data pixels"]
+    unmatched = sum(r.get("unmatched_pixels", 0) for r in (report.get("labels") or {}).values())
+    if "labels" in report:
+        dropped.append(f"{unmatched:,} pixels of unmatched label colours (per scene in meta.json \"report\")")
+    listed = report.get("split_list")
+    source = f"; {listed['found']} of {listed['listed']} images listed in {listed['path']}" if listed else ""
+    return (f"wrote {path}: {meta['num_tiles']} tiles of {'x'.join(map(str, meta['tile_shape']))} in unit "
+            f"{meta['unit']}{source}; label 255 on {' and '.join(dropped)}")
 
 
 def main(argv=None):
@@ -62,28 +175,39 @@ def main(argv=None):
     parser.add_argument("dataset", choices=["synthetic", *CONVERTERS], help="what to prepare")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--root", help="the dataset's folder as downloaded (not for synthetic)")
-    parser.add_argument("--split", default="train", help="split to convert (real datasets)")
-    parser.add_argument("--tile", type=int, default=None, help="tile size in pixels (synthetic 128, real 512)")
-    parser.add_argument("--overlap", type=int, default=64, help="overlap of tiles cut from larger scenes")
+    parser.add_argument("--split", default="train",
+                        help="real datasets: the output split's name; whu_opt_sar train/test, ddhr_sk train/val/test "
+                             "and sen1floods11 train/val/test pick the official list")
+    parser.add_argument("--split-list", help="real datasets: a text file naming the images of the split, one a line "
+                                             "(overrides the official list)")
+    parser.add_argument("--tile", type=int, default=None,
+                        help="tile size in pixels (synthetic 128; real: the dataset's, 512 or 256 for ddhr_sk, sarbud)")
+    parser.add_argument("--overlap", type=int, default=None,
+                        help="overlap of tiles cut from larger scenes (real: 64, 0 for ddhr_sk and sarbud)")
     parser.add_argument("--taxonomy", choices=["7class", "native"], default="7class",
                         help="real datasets: remap labels to the 7 CrossEarth-SAR classes or keep their own")
     parser.add_argument("--representation", default="amplitude", choices=["amplitude", "complex", "real", "imag"],
                         help="air_polsar_seg2: what to keep of the complex SLC")
     parser.add_argument("--pol", default="HH", help="air_polsar_seg2: polarization for complex/real/imag")
+    parser.add_argument("--scenes", help="air_polsar_seg2: scene tags to convert, e.g. bj,sh (default: all)")
     parser.add_argument("--train-tiles", type=int, default=256, help="synthetic: training tiles per domain")
     parser.add_argument("--test-tiles", type=int, default=64, help="synthetic: test tiles per domain")
     parser.add_argument("--seed", type=int, default=0, help="synthetic: seed (same seed, same bytes)")
-    parser.add_argument("--workers", type=int, default=2, help="synthetic: processes")
+    parser.add_argument("--workers", type=int, default=2, help="synthetic: processes (1 = in this process)")
     args = parser.parse_args(argv)
-    if args.dataset == "synthetic":
-        prepare_synthetic(args.out, args.tile or 128, args.train_tiles, args.test_tiles, args.seed, args.workers)
-        return
-    if not args.root:
+    if args.dataset != "synthetic" and not args.root:
         parser.error(f"{args.dataset} needs --root, the folder of the downloaded dataset")
-    options = dict(representation=args.representation, pol=args.pol) if args.dataset == "air_polsar_seg2" else {}
-    CONVERTERS[args.dataset](args.root, args.out, split=args.split, tile=args.tile or 512, overlap=args.overlap,
-                             taxonomy=args.taxonomy, **options)
-    print(f"wrote {os.path.join(args.out, args.split)}")
+    try:
+        if args.dataset == "synthetic":
+            prepare_synthetic(args.out, args.tile or 128, args.train_tiles, args.test_tiles, args.seed, args.workers)
+            return 0
+        path = CONVERTERS[args.dataset](args.root, args.out, split=args.split, taxonomy=args.taxonomy,
+                                        **_converter_options(args))
+        print(_conversion_summary(path))
+    except (OSError, ValueError, RuntimeError) as e:      # bad input, full disk, missing codec, busy folder
+        print(f"prepare.py: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@
 
 The C++ CPU ops are always built. The CUDA ops are added when torch is a CUDA build and a CUDA toolkit
 is found (CUDA_HOME, or nvcc on PATH); NANOSAR_CPU_ONLY=1 skips them. GPU architectures come from
-TORCH_CUDA_ARCH_LIST, default "8.0;9.0" (A100, H100/H200). NANOSAR_NO_EXTENSION=1 installs the pure
+TORCH_CUDA_ARCH_LIST, default "8.0;9.0+PTX": binaries for A100 and H100/H200, plus PTX that the driver
+compiles for newer GPUs. On a GPU the build does not cover, moe_dispatch="auto" falls back to the
+PyTorch reference with a note on stderr (nanosar/moe_ops.py). NANOSAR_NO_EXTENSION=1 installs the pure
 Python package (the MoE then uses the PyTorch reference path).
 """
 
@@ -39,7 +41,7 @@ def extension_build():
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("NANOSAR_CPU_ONLY") != "1"
     cxx_flags = ["-O3"]
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")  # +PTX: runs (JIT) on newer GPUs too
         ext = CUDAExtension(
             "nanosar._C",
             cpu_sources + cuda_sources,

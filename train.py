@@ -15,8 +15,10 @@ on held-out source tiles (model selection never sees a target domain).
 """
 
 import ast
+import builtins
 import contextlib
 import csv
+import io
 import math
 import os
 import sys
@@ -29,9 +31,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nanosar.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from nanosar.data import Split, load_batch
+from nanosar.files import RunLock, RunLockedError, remove_stale_temporaries, write_text_atomic
 from nanosar.metrics import confusion_matrix, segmentation_scores
-from nanosar.model import MoEFFN, SARConfig, Segmenter, upcycle_from_dinov2
+from nanosar.model import SARConfig, Segmenter, balance_loss_over_blocks, upcycle_from_dinov2
 
 # -----------------------------------------------------------------------------
 # configuration: plain variables, overridden by config files and --key=value
@@ -69,7 +73,7 @@ eval_interval = 100         # 0 = only at the end
 eval_tiles = 256            # held-out source tiles per evaluation (all of them if fewer)
 ckpt_interval = 100         # 0 = only at the end
 csv_log = ""                # optional CSV file of the logged values
-resume = False              # continue from out_dir/ckpt.pt
+resume = False              # continue from out_dir/ckpt.pt (a fresh start if there is none yet)
 peak_flops = 989e12         # per GPU, for the MFU estimate (H100/H200 dense bf16)
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
@@ -108,10 +112,41 @@ def parse_config(argv, config):
             if not os.path.isfile(arg):
                 fail(f"config file {arg} not found")
             values = {}
-            exec(open(arg).read(), {}, values)
+            try:
+                exec(builtins.compile(open(arg).read(), arg, "exec"), {}, values)  # `compile` is a config key
+            except Exception as e:  # a config file is Python: any error in it is the user's to fix
+                fail(f"config file {arg}: {type(e).__name__}: {e}")
             for key, value in values.items():
                 assign(key, value, arg)
     return config
+
+
+def validate_config(cfg):
+    """Stop at start (exit 2) on a value that would otherwise train nothing, or train on NaN."""
+    choices = dict(phase=("cpt", "dg"), schedule=("cosine", "poly", "constant"), device=("auto", "cpu", "cuda"),
+                   dtype=("float32", "bfloat16", "float16"))
+    for key, allowed in choices.items():
+        if cfg[key] not in allowed:
+            fail(f"{key} must be one of {', '.join(allowed)}, got {cfg[key]!r}")
+    at_least = dict(batch_size=1, grad_accum=1, max_iters=1, log_interval=1, eval_tiles=1, n_experts=1, top_k=1,
+                    warmup_iters=0, lr_decay_iters=0, eval_interval=0, ckpt_interval=0)
+    for key, low in at_least.items():
+        if cfg[key] < low:
+            fail(f"{key} must be >= {low}, got {cfg[key]}")
+    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
+        if not (math.isfinite(cfg[key]) and cfg[key] >= 0):
+            fail(f"{key} must be a finite number >= 0, got {cfg[key]}")
+    if cfg["learning_rate"] == 0:
+        fail("learning_rate must be > 0")
+    for key in ("val_fraction", "beta1", "beta2", "drop_path_rate"):
+        if not 0 <= cfg[key] < 1:
+            fail(f"{key} must be in [0, 1), got {cfg[key]}")
+    if cfg["phase"] == "dg" and not cfg["init"].startswith("ckpt:"):
+        fail("phase=dg freezes the backbone, so it needs init=ckpt:PATH (a pre-trained run)")
+    if not (cfg["init"] == "scratch" or cfg["init"].startswith(("dinov2:", "ckpt:"))):
+        fail(f"init must be scratch, dinov2:PATH or ckpt:PATH, got {cfg['init']!r}")
+    if cfg["device"] == "cuda" and not torch.cuda.is_available():
+        fail("device=cuda but no CUDA GPU is visible to this process (use device=cpu or auto)")
 
 
 # -----------------------------------------------------------------------------
@@ -268,27 +303,47 @@ def set_train_mode(model, trainable_backbone):
         model.backbone.eval()
 
 
-def save_checkpoint(path, model, optimizer, it, cfg, best):
-    """Everything to resume exactly, written to a temporary file and renamed (atomic)."""
-    checkpoint = {
+def training_state(model, optimizer, it, cfg, best):
+    """Everything to resume exactly, as plain data (loads with weights_only=True)."""
+    return {
         "model": model.state_dict(),
+        "model_args": asdict(model.cfg),
+        "config": cfg,
         "optimizer": optimizer.state_dict(),
         "iter_num": it,
-        "config": cfg,
-        "model_args": asdict(model.cfg),
         "best_val_miou": best,
         "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
     }
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
 
 
-def load_checkpoint(path):
+def save_or_fail(path, state, keep_previous=False):
+    """save_checkpoint, turning a full disk or a read-only folder into a one-line error (exit 2)."""
+    try:
+        save_checkpoint(path, state, keep_previous=keep_previous)
+    except OSError as e:
+        fail(f"cannot save the checkpoint: {e.strerror or e}")
+    print(f"saved {path} (iter {state['iter_num']})", flush=True)
+
+
+def read_checkpoint(path, parts=None):
+    """load_checkpoint, turning a missing or damaged file into a one-line error (exit 2)."""
+    try:
+        return load_checkpoint(path, parts)
+    except CheckpointError as e:
+        fail(str(e))
+
+
+def truncate_csv_log(path, last_iter):
+    """Drop the rows logged after the checkpoint a run resumes from (they will be logged again)."""
     if not os.path.isfile(path):
-        fail(f"checkpoint {path} not found")
-    return torch.load(path, map_location="cpu", weights_only=False)
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last_iter]
+    text = io.StringIO()
+    csv.writer(text).writerows(kept)
+    write_text_atomic(path, text.getvalue())
 
 
 def model_config_from(cfg, splits):
@@ -322,14 +377,7 @@ def check_same_architecture(model_args, model_cfg, path):
 
 def main(argv):
     cfg = parse_config(argv, {k: globals()[k] for k in config_keys})
-    if cfg["phase"] not in ("cpt", "dg"):
-        fail(f"phase must be 'cpt' or 'dg', got {cfg['phase']!r}")
-    if cfg["schedule"] not in ("cosine", "poly", "constant"):
-        fail(f"schedule must be cosine, poly or constant, got {cfg['schedule']!r}")
-    if cfg["phase"] == "dg" and not cfg["init"].startswith("ckpt:"):
-        fail("phase=dg freezes the backbone, so it needs init=ckpt:PATH (a pre-trained run)")
-    if not (cfg["init"] == "scratch" or cfg["init"].startswith(("dinov2:", "ckpt:"))):
-        fail(f"init must be scratch, dinov2:PATH or ckpt:PATH, got {cfg['init']!r}")
+    validate_config(cfg)
 
     # distributed set-up from torchrun's environment (one process per GPU, or gloo processes on the CPU)
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -347,11 +395,26 @@ def main(argv):
     use_amp = use_cuda and cfg["dtype"] != "float32"
     autocast = torch.autocast("cuda", dtype=getattr(torch, cfg["dtype"])) if use_amp else contextlib.nullcontext()
 
-    # data and model
+    # data, then the run folder: one writer at a time, debris of killed runs removed
     splits = open_splits([d for d in cfg["data"].split(",") if d], cfg["train_split"])
     stream = TileStream(splits, cfg["val_fraction"], cfg["seed"])
     ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    resume_state = load_checkpoint(ckpt_path) if cfg["resume"] else None
+    best_path = os.path.join(cfg["out_dir"], "best.pt")
+    if master:
+        try:
+            lock = RunLock(cfg["out_dir"]).acquire()          # released by the OS when this process ends
+        except (RunLockedError, OSError) as e:
+            fail(str(e))
+        removed = remove_stale_temporaries(cfg["out_dir"])
+        if removed:
+            print(f"removed {len(removed)} temporary file(s) of killed runs from {cfg['out_dir']}")
+
+    # model
+    resume_state = None
+    if cfg["resume"] and os.path.isfile(ckpt_path):
+        resume_state = read_checkpoint(ckpt_path)
+    elif cfg["resume"] and master:
+        print(f"resume=True but {ckpt_path} does not exist yet: starting a fresh run")
     if resume_state is not None:
         model_cfg = SARConfig(**resume_state["model_args"])
         check_same_architecture(resume_state["model_args"], model_config_from(cfg, splits), ckpt_path)
@@ -369,7 +432,7 @@ def main(argv):
             print(report)
     elif cfg["init"].startswith("ckpt:"):
         path = cfg["init"][len("ckpt:"):]
-        source = load_checkpoint(path)
+        source = read_checkpoint(path, parts=("model", "model_args"))
         check_same_architecture(source["model_args"], model_cfg, path)
         # the backbone keeps the input normalisation it was trained with
         model_cfg = replace(model_cfg, pixel_mean=tuple(source["model_args"]["pixel_mean"]),
@@ -383,7 +446,7 @@ def main(argv):
     model.to(device)
     set_train_mode(model, trainable_backbone)
     optimizer = make_optimizer(model, cfg, fused=use_cuda)
-    start_iter, best = 0, 0.0
+    start_iter, best = 0, -1.0
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
         start_iter, best = resume_state["iter_num"], resume_state["best_val_miou"]
@@ -394,12 +457,8 @@ def main(argv):
     if cfg["compile"]:
         model = torch.compile(model)
     if ddp:
-        for module in raw_model.modules():                    # balance loss over the global batch's routing
-            if isinstance(module, MoEFFN):
-                module.count_group = dist.group.WORLD
         model = DDP(model, device_ids=[local_rank] if use_cuda else None)
     if master:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
         counts = raw_model.parameter_counts()
         print(f"model {cfg['preset']}: {counts['backbone_total'] / 1e6:.2f}M backbone "
               f"({counts['backbone_active'] / 1e6:.2f}M "
@@ -407,7 +466,9 @@ def main(argv):
               f"{len(stream.val)} val tiles, {world} process(es) on {device.type}")
     csv_file = None
     if master and cfg["csv_log"]:
-        new = not os.path.exists(cfg["csv_log"]) or not cfg["resume"]
+        new = resume_state is None or not os.path.exists(cfg["csv_log"])
+        if not new:
+            truncate_csv_log(cfg["csv_log"], start_iter)
         csv_file = open(cfg["csv_log"], "w" if new else "a", newline="")
         writer = csv.writer(csv_file)
         if new:
@@ -422,8 +483,18 @@ def main(argv):
     load_shape = (model_cfg.depth, model_cfg.n_experts) if moe else (0, 1)   # tokens per expert, per MoE block
     load = torch.zeros(load_shape, dtype=torch.long, device=device)
     sums = torch.zeros(4, device=device)                       # loss, seg, balance, z over the log interval
+    non_finite = torch.zeros((), dtype=torch.long, device=device)  # steps whose loss was NaN or inf
     t0, steps_in_interval = time.time(), 0
-    it = start_iter
+    run_t0, it = time.time(), start_iter
+
+    def stop_if_non_finite():
+        """All ranks agree (one all-reduce) and stop before a NaN model can be evaluated or saved."""
+        if ddp:
+            dist.all_reduce(non_finite)
+        if non_finite.item():
+            fail(f"the loss became NaN or infinite by iter {it} (learning rate {lr:.3g}); stopped without saving, "
+                 f"the last good checkpoint is {ckpt_path}" + ("" if os.path.isfile(ckpt_path) else " (none yet)"))
+
     while it < cfg["max_iters"]:
         lr = learning_rate_at(it, cfg)
         for group in optimizer.param_groups:
@@ -440,9 +511,16 @@ def main(argv):
                     # gradients equals the gradient of the global batch
                     seg = F.cross_entropy(out.logits.float(), labels, ignore_index=255, reduction="sum")
                     seg = seg / labels.numel()
-                    loss = seg + (out.aux_loss if trainable_backbone else 0.0)
+                    balance = out.balance_loss
+                    if ddp and moe:  # the balance loss sees the global batch's routing: one all-reduce per step
+                        global_load = out.expert_load.clone()
+                        dist.all_reduce(global_load)
+                        balance = balance_loss_over_blocks(global_load, out.router_prob)
+                    aux = model_cfg.balance_loss_weight * balance + model_cfg.router_z_loss_weight * out.z_loss
+                    loss = seg + (aux if trainable_backbone else 0.0)
                 (loss / A).backward()
-            sums += torch.stack([loss.detach(), seg.detach(), out.balance_loss.detach(), out.z_loss.detach()]) / A
+            non_finite += (~torch.isfinite(loss.detach())).long()
+            sums += torch.stack([loss.detach(), seg.detach(), balance.detach(), out.z_loss.detach()]) / A
             load += out.expert_load
         if cfg["grad_clip"] > 0:
             torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], cfg["grad_clip"])
@@ -452,15 +530,24 @@ def main(argv):
         steps_in_interval += 1
 
         last = it == cfg["max_iters"]
+        evaluate_now = (cfg["eval_interval"] and it % cfg["eval_interval"] == 0) or last
+        save_now = (cfg["ckpt_interval"] and it % cfg["ckpt_interval"] == 0) or last
+        if it % cfg["log_interval"] == 0 or evaluate_now or save_now:
+            stop_if_non_finite()
         val_miou = ""
-        if (cfg["eval_interval"] and it % cfg["eval_interval"] == 0) or last:
+        if evaluate_now:
             scores = evaluate(raw_model, stream, cfg, rank, world, device, autocast)
             set_train_mode(raw_model, trainable_backbone)
             val_miou = scores["miou"]
-            best = best if math.isnan(val_miou) else max(best, val_miou)
             if master:
                 print(f"iter {it:6d} | source val mIoU {100 * val_miou:.2f} | accuracy {100 * scores['accuracy']:.2f}"
                       f" | mean F1 {100 * scores['mean_f1']:.2f}", flush=True)
+            if not math.isnan(val_miou) and val_miou > best:  # model selection on held-out source tiles only
+                best = val_miou
+                if master:
+                    state = training_state(raw_model, optimizer, it, cfg, best)
+                    del state["optimizer"], state["rng"]             # best.pt is for evaluation, not resuming
+                    save_or_fail(best_path, state)
         if it % cfg["log_interval"] == 0 or last:
             if ddp:
                 dist.all_reduce(sums)
@@ -474,9 +561,11 @@ def main(argv):
             fraction = load.float() / load.sum(dim=1, keepdim=True).clamp_min(1)   # (L, E) share of tokens
             if master:
                 busiest = " ".join(f"{f.max().item():.2f}" for f in fraction) if fraction.numel() else "-"
-                print(f"iter {it:6d} | loss {loss_v:.4f} (seg {seg_v:.4f}, balance {bal_v:.3f}, z {z_v:.2f})"
-                      f" | lr {lr:.2e} | {tiles_per_s:7.1f} tiles/s" + (f" | MFU {100 * mfu:.1f}%" if use_cuda else "")
-                      + f" | busiest expert per layer {busiest}", flush=True)
+                left = (time.time() - run_t0) / (it - start_iter) * (cfg["max_iters"] - it)
+                print(f"iter {it:6d}/{cfg['max_iters']} | loss {loss_v:.4f} (seg {seg_v:.4f}, balance {bal_v:.3f}, "
+                      f"z {z_v:.2f}) | lr {lr:.2e} | {tiles_per_s:7.1f} tiles/s"
+                      + (f" | MFU {100 * mfu:.1f}%" if use_cuda else "")
+                      + f" | busiest expert per layer {busiest} | {left / 60:.1f} min left", flush=True)
             if csv_file:
                 writer.writerow([it, loss_v, seg_v, bal_v, z_v, lr, tiles_per_s, mfu, val_miou,
                                  ";".join(" ".join(f"{v:.4f}" for v in row) for row in fraction.tolist())])
@@ -484,10 +573,14 @@ def main(argv):
             sums.zero_()
             load.zero_()
             t0, steps_in_interval = time.time(), 0
-        if master and ((cfg["ckpt_interval"] and it % cfg["ckpt_interval"] == 0) or last):
-            save_checkpoint(ckpt_path, raw_model, optimizer, it, cfg, best)
+        if master and save_now:
+            save_or_fail(ckpt_path, training_state(raw_model, optimizer, it, cfg, best), keep_previous=True)
     if csv_file:
         csv_file.close()
+    if master:
+        print(f"done: {ckpt_path} (last, iter {it})" + (f", {best_path} (best source val mIoU {100 * best:.2f})"
+                                                          if best >= 0 else ""))
+        lock.release()
     if ddp:
         dist.destroy_process_group()
 

@@ -1,5 +1,7 @@
 // Python bindings of the nanosar MoE ops: check the inputs once, then run the CPU or the CUDA version
-// by the tensors' device. Built by setup.py (module nanosar._C) or just in time by nanosar/moe_ops.py.
+// by the tensors' device. Also the kernels' limits (max_top_k, max_experts_cuda) and cuda_kernel_status,
+// which nanosar/moe_ops.py reads to fall back to the PyTorch reference where the kernels cannot run.
+// Built by setup.py (module nanosar._C) or just in time by nanosar/moe_ops.py.
 #include "moe_ops.h"
 
 #define CHECK_INPUT(x, ndim)                                                                         \
@@ -71,19 +73,32 @@ static void check_combine(const at::Tensor& expert_out, const at::Tensor& gates,
               "combine: expert_out has ", expert_out.size(0), " rows, gates ", gates.numel(), ", order ", order.numel());
 }
 
-at::Tensor combine_forward(const at::Tensor& expert_out, const at::Tensor& gates, const at::Tensor& order) {
+// check_order: on CUDA, read the kernels' permutation check back (one small copy, a stream sync); false
+// only for an order made by permute_forward or already checked. The CPU ops always check (no sync).
+at::Tensor combine_forward(const at::Tensor& expert_out, const at::Tensor& gates, const at::Tensor& order,
+                           bool check_order) {
   check_combine(expert_out, gates, order);
-  DEVICE_DISPATCH(expert_out, combine_forward, expert_out, gates, order);
+  DEVICE_DISPATCH(expert_out, combine_forward, expert_out, gates, order, check_order);
 }
 
 std::vector<at::Tensor> combine_backward(const at::Tensor& grad_y, const at::Tensor& expert_out, const at::Tensor& gates,
-                                         const at::Tensor& order) {
+                                         const at::Tensor& order, bool check_order) {
   check_combine(expert_out, gates, order);
   CHECK_INPUT(grad_y, 2);
   CHECK_SAME_DEVICE(grad_y, expert_out);
   CHECK_DTYPE(grad_y, expert_out.scalar_type());
   TORCH_CHECK(grad_y.size(0) == gates.size(0) && grad_y.size(1) == expert_out.size(1), "combine_backward: grad_y shape ", grad_y.sizes());
-  DEVICE_DISPATCH(expert_out, combine_backward, grad_y, expert_out, gates, order);
+  DEVICE_DISPATCH(expert_out, combine_backward, grad_y, expert_out, gates, order, check_order);
+}
+
+// "" when the CUDA kernels can run on the device, else why not (the CUDA error, or no CUDA in the build)
+std::string cuda_kernel_status(int64_t device_index) {
+#ifdef WITH_CUDA
+  return cuda_kernel_check(device_index);
+#else
+  (void)device_index;
+  return "nanosar._C was built without CUDA";
+#endif
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -93,9 +108,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+  m.attr("api_version") = 2;  // moe_ops.py refuses a stale build of another version
+  m.attr("max_top_k") = kMaxTopK;
+  m.attr("max_experts_cuda") = kMaxExpertsCuda;
   m.def("gating_forward", &gating_forward, "logits (T,E), k -> [expert_idx, gates, counts, mean_prob, z_loss]");
   m.def("gating_backward", &gating_backward, "-> grad_logits (T,E)");
   m.def("permute_forward", &permute_forward, "x (T,D), expert_idx (T,k), E -> [x_sorted (T*k,D), order, counts]");
-  m.def("combine_forward", &combine_forward, "expert_out (T*k,D), gates (T,k), order -> y (T,D)");
-  m.def("combine_backward", &combine_backward, "grad_y, expert_out, gates, order -> [grad_expert_out, grad_gates]");
+  m.def("combine_forward", &combine_forward, "expert_out (T*k,D), gates (T,k), order -> y (T,D)",
+        py::arg("expert_out"), py::arg("gates"), py::arg("order"), py::arg("check_order") = true);
+  m.def("combine_backward", &combine_backward, "grad_y, expert_out, gates, order -> [grad_expert_out, grad_gates]",
+        py::arg("grad_y"), py::arg("expert_out"), py::arg("gates"), py::arg("order"), py::arg("check_order") = true);
+  m.def("cuda_kernel_status", &cuda_kernel_status, "device index -> '' if the CUDA kernels run there, else why not");
 }

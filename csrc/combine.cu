@@ -1,7 +1,8 @@
 // Combine on the GPU: y[t] = sum_j gates[t, j] * expert_out[row of assignment t*k + j], one block per
 // token gathering its k rows (no atomics, so deterministic), with 16-byte vector loads where rows allow.
 // The backward runs one block per sorted row: grad_expert_out[r] = gate * grad_y[t], and
-// grad_gates[a] = <grad_y[t], expert_out[r]> reduced in a fixed order.
+// grad_gates[a] = <grad_y[t], expert_out[r]> reduced in a fixed order. order is checked to be a
+// permutation of [0, T*k) when check_order is set (see moe_ops.h); unchecked bad entries are skipped.
 // Reference: combine() in nanosar/model.py. CPU twin: combine_cpu.cpp.
 #include "moe_ops.h"
 #include "cuda_utils.cuh"
@@ -10,9 +11,37 @@ namespace {
 
 constexpr int kThreads = 128;
 
-__global__ void inverse_permutation_kernel(const int64_t* __restrict__ order, int64_t A, int64_t* __restrict__ row_of) {
+// row_of[order[r]] = r, row_of filled with -1 before. Checks that order is a permutation of [0, A):
+// flags check 0 counts indices out of range (skipped), check 1 indices met twice (the first r is kept).
+__global__ void inverse_permutation_kernel(const int64_t* __restrict__ order, int64_t A, int64_t* __restrict__ row_of,
+                                           int64_t* __restrict__ flags) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (r < A) row_of[order[r]] = r;
+  if (r >= A) return;
+  const int64_t a = order[r];
+  if (a < 0 || a >= A) {
+    nanosar::flag_bad_index(flags, 0, a);
+    return;
+  }
+  const auto unset = static_cast<unsigned long long>(-1LL);
+  if (atomicCAS(reinterpret_cast<unsigned long long*>(row_of + a), unset, static_cast<unsigned long long>(r)) != unset)
+    nanosar::flag_bad_index(flags, 1, a);
+}
+
+// row_of (A,) for order, and with check_order the host-side check of the flags (one small copy, a sync)
+at::Tensor inverse_permutation(const at::Tensor& order, bool check_order) {
+  const int64_t A = order.numel();
+  auto row_of = at::full({A}, -1, order.options());
+  auto flags = nanosar::index_flags(order, 2);
+  inverse_permutation_kernel<<<(A + 255) / 256, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+      order.data_ptr<int64_t>(), A, row_of.data_ptr<int64_t>(), flags.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (check_order) {
+    const auto bad = flags.cpu();
+    const int64_t* b = bad.data_ptr<int64_t>();
+    TORCH_CHECK(b[0] == 0, "combine: order holds index ", b[1], " outside [0, T*k=", A, ") (", b[0], " such entries)");
+    TORCH_CHECK(b[2] == 0, "combine: order is not a permutation: index ", b[3], " appears more than once");
+  }
+  return row_of;
 }
 
 template <typename scalar_t, typename acc_t, int VEC>
@@ -26,8 +55,10 @@ __global__ void combine_forward_kernel(const scalar_t* __restrict__ expert_out, 
 #pragma unroll
       for (int u = 0; u < VEC; ++u) acc[u] = 0;
       for (int j = 0; j < k; ++j) {
+        const int64_t row = row_of[t * k + j];
+        if (row < 0) continue;  // assignment missing from an unchecked bad order: never read out of bounds
         const acc_t gate = gates[t * k + j];
-        const vec_t v = reinterpret_cast<const vec_t*>(expert_out + row_of[t * k + j] * D)[i];
+        const vec_t v = reinterpret_cast<const vec_t*>(expert_out + row * D)[i];
 #pragma unroll
         for (int u = 0; u < VEC; ++u) acc[u] += gate * static_cast<acc_t>(v.val[u]);
       }
@@ -49,6 +80,7 @@ __global__ void combine_backward_kernel(const scalar_t* __restrict__ grad_y, con
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int64_t r = blockIdx.x; r < A; r += gridDim.x) {
     const int64_t a = order[r], t = a / k;
+    if (a < 0 || a >= A) continue;  // unchecked bad order: skip (the same for the whole block, so no sync issue)
     const acc_t gate = gates[a];
     acc_t dot = 0;
     for (int64_t i = threadIdx.x; i < D / VEC; i += blockDim.x) {
@@ -87,16 +119,14 @@ __global__ void combine_backward_kernel(const scalar_t* __restrict__ grad_y, con
 
 }  // namespace
 
-at::Tensor combine_forward_cuda(const at::Tensor& expert_out, const at::Tensor& gates, const at::Tensor& order) {
+at::Tensor combine_forward_cuda(const at::Tensor& expert_out, const at::Tensor& gates, const at::Tensor& order,
+                                bool check_order) {
   const c10::cuda::CUDAGuard guard(expert_out.device());
-  const int64_t T = gates.size(0), D = expert_out.size(1), A = order.numel();
+  const int64_t T = gates.size(0), D = expert_out.size(1);
   const int k = static_cast<int>(gates.size(1));
   auto y = at::empty({T, D}, expert_out.options());
   if (T == 0 || D == 0) return y;
-  auto row_of = at::empty_like(order);
-  inverse_permutation_kernel<<<(A + 255) / 256, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
-      order.data_ptr<int64_t>(), A, row_of.data_ptr<int64_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto row_of = inverse_permutation(order, check_order);
   const int vec = std::min(nanosar::vector_width(expert_out, D), nanosar::vector_width(y, D));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, expert_out.scalar_type(), "combine_forward_cuda", [&] {
     using acc_t = acc_type_of<scalar_t>;
@@ -107,13 +137,14 @@ at::Tensor combine_forward_cuda(const at::Tensor& expert_out, const at::Tensor& 
 }
 
 std::vector<at::Tensor> combine_backward_cuda(const at::Tensor& grad_y, const at::Tensor& expert_out,
-                                              const at::Tensor& gates, const at::Tensor& order) {
+                                              const at::Tensor& gates, const at::Tensor& order, bool check_order) {
   const c10::cuda::CUDAGuard guard(expert_out.device());
   const int64_t D = expert_out.size(1), A = order.numel();
   const int k = static_cast<int>(gates.size(1));
   auto grad_out = at::empty_like(expert_out);
   auto grad_gates = at::empty_like(gates);
   if (A == 0) return {grad_out, grad_gates};
+  if (check_order) inverse_permutation(order, true);  // only the check; the kernel below reads order directly
   const int vec = std::min({nanosar::vector_width(grad_y, D), nanosar::vector_width(expert_out, D),
                             nanosar::vector_width(grad_out, D)});
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, expert_out.scalar_type(), "combine_backward_cuda", [&] {

@@ -5,16 +5,24 @@
 
 #include "moe_ops.h"
 
-// row_of[a] = r where order[r] = a: the inverse permutation, so that each token gathers its k rows
+// row_of[a] = r where order[r] = a: the inverse permutation, so that each token gathers its k rows.
+// Also the check that order is a permutation of [0, T*k): a bad index would read or write out of bounds.
 static at::Tensor inverse_permutation_cpu(const at::Tensor& order) {
-  auto row_of = at::empty_like(order);
+  const int64_t A = order.numel();
+  auto row_of = at::full({A}, -1, order.options());
   const int64_t* o = order.data_ptr<int64_t>();
   int64_t* inv = row_of.data_ptr<int64_t>();
-  for (int64_t r = 0; r < order.numel(); ++r) inv[o[r]] = r;
+  for (int64_t r = 0; r < A; ++r) {
+    const int64_t a = o[r];
+    TORCH_CHECK(a >= 0 && a < A, "combine: order holds index ", a, " outside [0, T*k=", A, ")");
+    TORCH_CHECK(inv[a] < 0, "combine: order is not a permutation: index ", a, " appears more than once");
+    inv[a] = r;
+  }
   return row_of;
 }
 
-at::Tensor combine_forward_cpu(const at::Tensor& expert_out, const at::Tensor& gates, const at::Tensor& order) {
+at::Tensor combine_forward_cpu(const at::Tensor& expert_out, const at::Tensor& gates, const at::Tensor& order,
+                               bool /*check_order: always*/) {
   const int64_t T = gates.size(0), k = gates.size(1), D = expert_out.size(1);
   auto y = at::empty({T, D}, expert_out.options());
   auto row_of = inverse_permutation_cpu(order);
@@ -43,8 +51,10 @@ at::Tensor combine_forward_cpu(const at::Tensor& expert_out, const at::Tensor& g
 // For each sorted row r holding assignment a = order[r] of token t = a / k:
 //   grad_expert_out[r] = gates[a] * grad_y[t],   grad_gates[a] = <grad_y[t], expert_out[r]>
 std::vector<at::Tensor> combine_backward_cpu(const at::Tensor& grad_y, const at::Tensor& expert_out,
-                                             const at::Tensor& gates, const at::Tensor& order) {
+                                             const at::Tensor& gates, const at::Tensor& order,
+                                             bool /*check_order: always*/) {
   const int64_t k = gates.size(1), D = expert_out.size(1), A = order.numel();
+  inverse_permutation_cpu(order);  // only the check: every a = order[r] is in range and met once
   auto grad_out = at::empty_like(expert_out);
   auto grad_gates = at::empty_like(gates);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, expert_out.scalar_type(), "combine_backward_cpu", [&] {

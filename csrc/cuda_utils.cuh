@@ -29,6 +29,17 @@ inline int vector_width(const at::Tensor& t, int64_t cols) {
   return (aligned && width > 0 && cols % width == 0) ? static_cast<int>(width) : 1;
 }
 
+// Index checks inside kernels (see moe_ops.h): a device tensor {bad entries, one bad value} per check,
+// filled by flag_bad_index and read once on the host by check_index_flags (one small copy = one sync).
+inline at::Tensor index_flags(const at::Tensor& like, int checks) {
+  return at::zeros({2 * checks}, like.options().dtype(at::kLong));
+}
+
+__device__ __forceinline__ void flag_bad_index(int64_t* flags, int check, int64_t value) {
+  atomicAdd(reinterpret_cast<unsigned long long*>(flags + 2 * check), 1ull);
+  flags[2 * check + 1] = value;  // any one of the bad values: a benign race
+}
+
 // Blocks for a grid-stride loop over n items, one block per item up to the hardware limit.
 inline int64_t grid_for(int64_t n) { return n < 1 ? 1 : (n < (1LL << 30) ? n : (1LL << 30)); }
 

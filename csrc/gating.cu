@@ -1,7 +1,8 @@
 // Gating on the GPU: one thread per token runs the shared per-row math of moe_ops.h (softmax, top-k,
 // renormalised gates); the per-expert counts and the sums behind the mean probability and the z-loss
 // are reduced per block in a fixed order and summed over blocks by torch, so results are deterministic.
-// Reference: gating() in nanosar/model.py. CPU twin: gating_cpu.cpp.
+// The rule for NaN and infinite logits is in moe_ops.h. Also: cuda_kernel_check, whether this build has
+// a kernel image for a device. Reference: gating() in nanosar/model.py. CPU twin: gating_cpu.cpp.
 #include "moe_ops.h"
 #include "cuda_utils.cuh"
 
@@ -26,7 +27,7 @@ __global__ void gating_forward_kernel(const scalar_t* __restrict__ logits, int64
   acc_t row_max = 0, row_sum = 1, lse = 0;
   if (valid) {
     gating_row_forward<scalar_t, acc_t>(logits + t * E, E, k, expert_idx + t * k, gates + t * k, row_max, row_sum);
-    lse = row_max + std::log(row_sum);
+    lse = row_logsumexp<scalar_t, acc_t>(logits + t * E, E, row_max, row_sum);
     for (int j = 0; j < k; ++j) atomicAdd(&block_counts[expert_idx[t * k + j]], 1);  // integer: exact
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -100,4 +101,15 @@ at::Tensor gating_backward_cuda(const at::Tensor& logits, const at::Tensor& expe
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_logits;
+}
+
+std::string cuda_kernel_check(int64_t device_index) {
+  // Asking for a kernel's attributes loads its module for the device: it fails with "no kernel image is
+  // available" when the build has neither a binary for this compute capability nor PTX to JIT from.
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_index));
+  cudaFuncAttributes attributes;
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, gating_forward_kernel<float, float>);
+  if (status == cudaSuccess) return "";
+  (void)cudaGetLastError();  // clear the error so that it is not reported by the next launch check
+  return cudaGetErrorString(status);
 }

@@ -1,5 +1,6 @@
 // Gating on the CPU: softmax -> top-k -> renormalised gates, per-expert counts and mean probability,
-// and the router z-loss, in one pass over the logits (at::parallel_for over blocks of tokens).
+// and the router z-loss, in one pass over the logits (at::parallel_for over blocks of tokens). The rule
+// for NaN and infinite logits is in moe_ops.h (the same as the reference's).
 // Reference: gating() in nanosar/model.py. CUDA twin: gating.cu.
 #include <ATen/Parallel.h>
 
@@ -28,7 +29,7 @@ std::vector<at::Tensor> gating_forward_cpu(const at::Tensor& logits, int64_t top
           acc_t row_max, row_sum;
           gating_row_forward<scalar_t, acc_t>(l + t * E, E, top_k, idx + t * top_k, g + t * top_k, row_max, row_sum);
           for (int64_t e = 0; e < E; ++e) sums[e] += std::exp(static_cast<acc_t>(l[t * E + e]) - row_max) / row_sum;
-          const acc_t lse = row_max + std::log(row_sum);
+          const acc_t lse = row_logsumexp<scalar_t, acc_t>(l + t * E, E, row_max, row_sum);
           sums[E] += lse * lse;
         }
       }
@@ -46,6 +47,9 @@ at::Tensor gating_backward_cpu(const at::Tensor& logits, const at::Tensor& exper
                                const at::Tensor& grad_gates, const at::Tensor& grad_mean_prob,
                                const at::Tensor& grad_z_loss) {
   const int64_t T = logits.size(0), E = logits.size(1), k = expert_idx.size(1);
+  const int64_t* ids = expert_idx.data_ptr<int64_t>();
+  for (int64_t a = 0; a < T * k; ++a)
+    TORCH_CHECK(ids[a] >= 0 && ids[a] < E, "gating_backward: expert id ", ids[a], " outside [0, ", E, ")");
   auto grad_logits = at::empty_like(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "gating_backward_cpu", [&] {
     using acc_t = acc_type_of<scalar_t>;

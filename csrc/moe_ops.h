@@ -12,6 +12,7 @@
 #include <torch/extension.h>
 
 #include <cmath>
+#include <string>
 #include <vector>
 
 #ifdef __CUDACC__
@@ -32,54 +33,93 @@ constexpr int kGatingTokensPerBlock = 256; // tokens per partial sum of the gati
 
 // ---------------------------------------------------------------------------------------------
 // Per-token gating math, shared by the CPU loop and the CUDA thread (one token = one row of E logits).
+//
+// The rule for non-finite logits, the same as the reference gating() in nanosar/model.py:
+//   selection: a stable descending order of the logits with NaN counted as +inf, i.e. +inf and NaN,
+//     then finite values, then -inf, equal keys by expert id; so the ids are always k distinct
+//     experts in [0, E), also when fewer than k logits are finite.
+//   values: nothing is masked. A row with a NaN or +inf logit, or with only -inf logits, has NaN
+//     probabilities (as torch.softmax), so NaN gates and mean_prob; its logsumexp is computed as
+//     torch.logsumexp does (NaN, +inf, -inf), so the z-loss is NaN or inf.
 
-// Top-k of one row of logits, largest first; ties go to the lower expert id (a later equal logit never
-// displaces an earlier one), as a stable descending sort would order them. Also returns the row max and
-// sum_e exp(l_e - max), so that p_e = exp(l_e - max) / sum and logsumexp = max + log(sum).
+template <typename acc_t>
+NANOSAR_HOST_DEVICE bool is_nan(acc_t v) { return v != v; }
+
+// The key the top-k compares: the logit, NaN counted as +inf (whatever the NaN's sign bit)
+template <typename acc_t>
+NANOSAR_HOST_DEVICE acc_t selection_key(acc_t v) { return is_nan(v) ? static_cast<acc_t>(INFINITY) : v; }
+
+// Row max (NaN if any logit is NaN) and sum_e exp(l_e - max), so that p_e = exp(l_e - max) / sum.
 template <typename scalar_t, typename acc_t>
-NANOSAR_HOST_DEVICE void gating_row_forward(const scalar_t* logits, int E, int k, int64_t* expert_idx,
-                                            acc_t* gates, acc_t& row_max, acc_t& row_sum) {
-  acc_t top_val[kMaxTopK];
-  int top_id[kMaxTopK];
-  for (int j = 0; j < k; ++j) { top_val[j] = -INFINITY; top_id[j] = 0; }
+NANOSAR_HOST_DEVICE void row_softmax_stats(const scalar_t* logits, int E, acc_t& row_max, acc_t& row_sum) {
   row_max = -INFINITY;
   for (int e = 0; e < E; ++e) {
     const acc_t v = static_cast<acc_t>(logits[e]);
-    row_max = v > row_max ? v : row_max;
-    if (v > top_val[k - 1]) {                   // insert into the sorted top-k, strictly greater only
-      int pos = k - 1;
-      while (pos > 0 && v > top_val[pos - 1]) { top_val[pos] = top_val[pos - 1]; top_id[pos] = top_id[pos - 1]; --pos; }
-      top_val[pos] = v;
-      top_id[pos] = e;
-    }
+    row_max = (is_nan(v) || v > row_max) ? v : row_max;  // once NaN, stays NaN
   }
   row_sum = 0;
   for (int e = 0; e < E; ++e) row_sum += std::exp(static_cast<acc_t>(logits[e]) - row_max);
+}
+
+// logsumexp as torch.logsumexp computes it: shifted by the max, or by 0 when the max is infinite, so
+// a row of -inf gives -inf and a row holding +inf gives +inf (a NaN anywhere gives NaN).
+template <typename scalar_t, typename acc_t>
+NANOSAR_HOST_DEVICE acc_t row_logsumexp(const scalar_t* logits, int E, acc_t row_max, acc_t row_sum) {
+  if (row_max == INFINITY || row_max == -INFINITY) {
+    acc_t s = 0;
+    for (int e = 0; e < E; ++e) s += std::exp(static_cast<acc_t>(logits[e]));
+    return std::log(s);
+  }
+  return row_max + std::log(row_sum);
+}
+
+// Top-k of one row of logits in the order above, and the gates: the chosen probabilities renormalised
+// over the k. Also returns the row max and sum (see row_softmax_stats). Needs 1 <= k <= min(E, kMaxTopK).
+template <typename scalar_t, typename acc_t>
+NANOSAR_HOST_DEVICE void gating_row_forward(const scalar_t* logits, int E, int k, int64_t* expert_idx,
+                                            acc_t* gates, acc_t& row_max, acc_t& row_sum) {
+  acc_t top_key[kMaxTopK];
+  int top_id[kMaxTopK];
+  int filled = 0;
+  for (int e = 0; e < E; ++e) {
+    const acc_t key = selection_key(static_cast<acc_t>(logits[e]));
+    // insertion into the sorted top-k, strictly greater only: a later equal key never passes an earlier one
+    if (filled < k || key > top_key[k - 1]) {
+      int pos = filled < k ? filled++ : k - 1;
+      while (pos > 0 && key > top_key[pos - 1]) { top_key[pos] = top_key[pos - 1]; top_id[pos] = top_id[pos - 1]; --pos; }
+      top_key[pos] = key;
+      top_id[pos] = e;
+    }
+  }
+  row_softmax_stats<scalar_t, acc_t>(logits, E, row_max, row_sum);
   // gates = p_j / sum_{chosen} p = exp(l_j - max) / sum_{chosen} exp(l - max): the softmax sum cancels
-  acc_t chosen_sum = 0;
-  for (int j = 0; j < k; ++j) chosen_sum += std::exp(top_val[j] - row_max);
+  acc_t chosen[kMaxTopK], chosen_sum = 0;
+  for (int j = 0; j < k; ++j) {
+    chosen[j] = std::exp(static_cast<acc_t>(logits[top_id[j]]) - row_max);
+    chosen_sum += chosen[j];
+  }
   for (int j = 0; j < k; ++j) {
     expert_idx[j] = top_id[j];
-    gates[j] = std::exp(top_val[j] - row_max) / chosen_sum;
+    gates[j] = chosen[j] / chosen_sum;
   }
 }
 
 // Gradient of one row's logits. With p = softmax(l), S = sum of the chosen p, gate_j = p_{i_j} / S:
 //   dL/dp_e = grad_mean_prob_e / T + [e chosen as j] (grad_gate_j - sum_j' grad_gate_j' gate_j') / S
 //   dL/dl_e = p_e (dL/dp_e - sum_f p_f dL/dp_f) + (grad_z / T) * 2 * logsumexp * p_e
+// Expert ids outside [0, E) are ignored (the CPU op rejects them before; on the GPU they cannot fault).
 template <typename scalar_t, typename acc_t>
 NANOSAR_HOST_DEVICE void gating_row_backward(const scalar_t* logits, int E, int k, const int64_t* expert_idx,
                                              const acc_t* gates, const acc_t* grad_gates,
                                              const acc_t* grad_mean_prob, acc_t grad_z, acc_t inv_T,
                                              scalar_t* grad_logits) {
-  acc_t row_max = -INFINITY;
-  for (int e = 0; e < E; ++e) row_max = logits[e] > row_max ? static_cast<acc_t>(logits[e]) : row_max;
-  acc_t row_sum = 0;
-  for (int e = 0; e < E; ++e) row_sum += std::exp(static_cast<acc_t>(logits[e]) - row_max);
-  const acc_t lse = row_max + std::log(row_sum);
+  acc_t row_max, row_sum;
+  row_softmax_stats<scalar_t, acc_t>(logits, E, row_max, row_sum);
+  const acc_t lse = row_logsumexp<scalar_t, acc_t>(logits, E, row_max, row_sum);
   acc_t chosen_p = 0, gate_dot = 0;
   for (int j = 0; j < k; ++j) {
-    chosen_p += std::exp(static_cast<acc_t>(logits[expert_idx[j]]) - row_max) / row_sum;
+    const int64_t id = expert_idx[j];
+    if (id >= 0 && id < E) chosen_p += std::exp(static_cast<acc_t>(logits[id]) - row_max) / row_sum;
     gate_dot += grad_gates[j] * gates[j];
   }
   auto grad_p = [&](int e) {
@@ -104,15 +144,27 @@ NANOSAR_HOST_DEVICE void gating_row_backward(const scalar_t* logits, int E, int 
 //   combine_forward -> y (T,D)
 //   combine_backward -> {grad_expert_out (T*k,D), grad_gates (T,k)}
 // acc is float for float/half/bfloat16 inputs and double for double.
+//
+// Index checks (an index out of range must be an error, never a memory fault):
+//   permute: every expert id in [0, E); combine: order a permutation of [0, T*k).
+//   CPU: TORCH_CHECK before any memory is touched through the index, always (a loop over T*k ints).
+//   CUDA: the kernels skip bad entries (no out-of-bounds access) and count them in a small device
+//   tensor, which the host reads after the launch: one 32-byte device-to-host copy, i.e. one stream
+//   synchronisation, per permute_forward, and per combine call with check_order = true. The autograd
+//   Functions of moe_ops.py pass check_order = false where order comes from permute_forward or was
+//   checked by the forward (permute's and combine's backward), so a training step pays two syncs per
+//   MoE layer. gating_backward ignores expert ids outside [0, E) on CUDA and rejects them on CPU.
 
 std::vector<at::Tensor> gating_forward_cpu(const at::Tensor& logits, int64_t top_k);
 at::Tensor gating_backward_cpu(const at::Tensor& logits, const at::Tensor& expert_idx, const at::Tensor& gates,
                                const at::Tensor& grad_gates, const at::Tensor& grad_mean_prob,
                                const at::Tensor& grad_z_loss);
 std::vector<at::Tensor> permute_forward_cpu(const at::Tensor& x, const at::Tensor& expert_idx, int64_t n_experts);
-at::Tensor combine_forward_cpu(const at::Tensor& expert_out, const at::Tensor& gates, const at::Tensor& order);
+// (check_order: the CPU ops always check, it is there for the same signature as the CUDA ops)
+at::Tensor combine_forward_cpu(const at::Tensor& expert_out, const at::Tensor& gates, const at::Tensor& order,
+                               bool check_order);
 std::vector<at::Tensor> combine_backward_cpu(const at::Tensor& grad_y, const at::Tensor& expert_out,
-                                             const at::Tensor& gates, const at::Tensor& order);
+                                             const at::Tensor& gates, const at::Tensor& order, bool check_order);
 
 #ifdef WITH_CUDA
 std::vector<at::Tensor> gating_forward_cuda(const at::Tensor& logits, int64_t top_k);
@@ -120,7 +172,10 @@ at::Tensor gating_backward_cuda(const at::Tensor& logits, const at::Tensor& expe
                                 const at::Tensor& grad_gates, const at::Tensor& grad_mean_prob,
                                 const at::Tensor& grad_z_loss);
 std::vector<at::Tensor> permute_forward_cuda(const at::Tensor& x, const at::Tensor& expert_idx, int64_t n_experts);
-at::Tensor combine_forward_cuda(const at::Tensor& expert_out, const at::Tensor& gates, const at::Tensor& order);
+at::Tensor combine_forward_cuda(const at::Tensor& expert_out, const at::Tensor& gates, const at::Tensor& order,
+                                bool check_order);
 std::vector<at::Tensor> combine_backward_cuda(const at::Tensor& grad_y, const at::Tensor& expert_out,
-                                              const at::Tensor& gates, const at::Tensor& order);
+                                              const at::Tensor& gates, const at::Tensor& order, bool check_order);
+// "" if the kernels have a binary (or PTX) this device can run, else the CUDA error (e.g. no kernel image)
+std::string cuda_kernel_check(int64_t device_index);
 #endif

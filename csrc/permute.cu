@@ -4,6 +4,7 @@
 //   3. stable_scatter: each assignment's rank among the same-expert assignments before it in its chunk
 //      (warp match + per-warp counts) places it: order[first row + rank] = a
 // then gather_rows copies x[order[r] / k] into row r with 16-byte vector loads where rows allow.
+// Expert ids outside [0, E) are counted by the histogram kernel and raise an error before step 3.
 // Reference: permute() in nanosar/model.py. CPU twin: permute_cpu.cpp.
 #include "moe_ops.h"
 #include "cuda_utils.cuh"
@@ -14,15 +15,16 @@ constexpr int kChunk = 256;  // assignments per block, one per thread
 constexpr int kWarps = kChunk / 32;
 
 __global__ void chunk_histogram_kernel(const int64_t* __restrict__ expert_idx, int64_t A, int E, int64_t n_chunks,
-                                       int64_t* __restrict__ chunk_counts) {  // (E, n_chunks)
+                                       int64_t* __restrict__ chunk_counts,  // (E, n_chunks)
+                                       int64_t* __restrict__ flags) {       // {ids outside [0, E), one of them}
   extern __shared__ int hist[];                                             // (E,)
   for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
   __syncthreads();
   const int64_t a = blockIdx.x * static_cast<int64_t>(kChunk) + threadIdx.x;
   if (a < A) {
     const int64_t e = expert_idx[a];
-    CUDA_KERNEL_ASSERT(e >= 0 && e < E && "permute: expert id out of range");
-    atomicAdd(&hist[e], 1);  // integer: the count is exact whatever the order
+    if (e >= 0 && e < E) atomicAdd(&hist[e], 1);  // integer: the count is exact whatever the order
+    else nanosar::flag_bad_index(flags, 0, e);
   }
   __syncthreads();
   for (int e = threadIdx.x; e < E; e += blockDim.x) chunk_counts[e * n_chunks + blockIdx.x] = hist[e];
@@ -94,9 +96,14 @@ std::vector<at::Tensor> permute_forward_cuda(const at::Tensor& x, const at::Tens
   const auto stream = at::cuda::getCurrentCUDAStream();
 
   auto chunk_counts = at::empty({E, n_chunks}, expert_idx.options());
-  chunk_histogram_kernel<<<n_chunks, kChunk, E * sizeof(int), stream>>>(expert_idx.data_ptr<int64_t>(), A, E, n_chunks,
-                                                                         chunk_counts.data_ptr<int64_t>());
+  auto flags = nanosar::index_flags(expert_idx, 1);
+  chunk_histogram_kernel<<<n_chunks, kChunk, E * sizeof(int), stream>>>(
+      expert_idx.data_ptr<int64_t>(), A, E, n_chunks, chunk_counts.data_ptr<int64_t>(), flags.data_ptr<int64_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // the scatter and the gather below index with the ids: check them first (one small copy, a stream sync)
+  const auto bad = flags.cpu();
+  const int64_t* b = bad.data_ptr<int64_t>();
+  TORCH_CHECK(b[0] == 0, "permute: expert id ", b[1], " outside [0, ", E, ") (", b[0], " of ", A, " assignments)");
   auto flat = chunk_counts.view({-1});
   auto chunk_start = flat.cumsum(0) - flat;  // exclusive prefix sum in (expert, chunk) order
   stable_scatter_kernel<<<n_chunks, kChunk, kWarps * E * sizeof(int), stream>>>(

@@ -9,15 +9,28 @@ Benchmark of nanosar/model.py (a script, not a test): prints figures, measured i
 2. Training steps (forward, backward, AdamW) per second and peak memory of each preset, MoE against
    the dense ViT of the same active size (the issue-5 target: large >= 0.85x dense, batch 16 fits).
 3. One MoE FFN layer (E experts, top-k) against a dense FFN with the same active FLOPs (hidden k*Dh),
-   forward and forward+backward, for each dispatch (loop, grouped, and the extension's kernels if built).
+   forward and forward+backward, for each dispatch (loop, grouped, and the extension's kernels if built),
+   with the peak memory of a forward (no grad, as in evaluation) and of a forward+backward, each variant
+   measured in a fresh subprocess (CPU: growth of the peak resident set; CUDA: torch's peak allocated),
+   above the resident weights and input. Two more rows force the torch._grouped_mm
+   path (the one H100/H200 take in bf16; it runs on CPU in fp32 too): biases added by the in-place
+   one-hot matmul of grouped_expert_ffn ("moe-gmm"), and by the per-row gather it replaced
+   ("moe-gmm-gather", an (S, Dh) bias tensor), so the memory the change saves is measured in one run.
 """
 
 import argparse
+import json
+import math
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
+from nanosar import model as M
 from nanosar import moe_ops
 from nanosar.model import Mlp, MoEFFN, SARConfig, Segmenter
 
@@ -137,25 +150,128 @@ def bench_training(args, device, dtype):
             print(f"{name:8s} {variant:14s} {rate:9.2f} {rate / dense_rate:8.2f}x {peak_txt}", flush=True)
 
 
+def grouped_expert_ffn_gathered_bias(x_sorted, expert_of_row, counts, w1, b1, w2, b2, use_grouped_mm=None):
+    """The torch._grouped_mm path of model.grouped_expert_ffn as it was: biases gathered per row, the
+    baseline of the "moe-gmm-gather" memory row."""
+    offsets = counts.cumsum(0).to(torch.int32)
+    h = torch._grouped_mm(x_sorted, w1, offs=offsets) + b1[expert_of_row]        # (S, Dh) + gathered (S, Dh)
+    return torch._grouped_mm(F.gelu(h), w2, offs=offsets) + b2[expert_of_row]
+
+
+def make_layer(variant, D, Dh, E, k):
+    """The layer of a benchmark variant: dense, moe-<dispatch>, moe-gmm or moe-gmm-gather (these two patch
+    model.py's grouped path: only call them in a subprocess of their own)."""
+    if variant == "dense":
+        return Mlp(D, k * Dh)
+    dispatch = variant.removeprefix("moe-")
+    if dispatch.startswith("gmm"):
+        M.grouped_mm_supported = lambda x: True                   # force torch._grouped_mm
+        if dispatch == "gmm-gather":
+            M.grouped_expert_ffn = grouped_expert_ffn_gathered_bias
+        dispatch = "grouped"
+    return MoEFFN(D, Dh, E, k, descriptor_dim=3, dispatch=dispatch)
+
+
+def resident_kib(field):
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process in KiB (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def layer_peak_memory_child(spec):
+    """Runs in a fresh process: peak memory (MiB) of one forward (no grad, as in evaluation) and of one
+    forward+backward of a layer, above what was resident before (weights and input counted in neither).
+    Prints {"fwd": ..., "fwd+bwd": ...}."""
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    torch.manual_seed(0)
+    layer = make_layer(spec["variant"], spec["D"], spec["Dh"], spec["E"], spec["k"]).to(device, dtype)
+    s = torch.randn(1, 3, device=device)
+    z = torch.randn(1, spec["T"], spec["D"], device=device, dtype=dtype)
+
+    def forward(z):
+        return layer(z) if isinstance(layer, Mlp) else layer(z, s)[0]
+
+    def fwd():
+        with torch.no_grad():
+            forward(z)
+
+    def fwd_bwd():
+        forward(z.detach().requires_grad_()).float().square().mean().backward()
+
+    def peak_mib(fn):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            fn()
+            torch.cuda.synchronize(device)
+            return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                         # reset the peak resident set (VmHWM) to the current one
+        before = resident_kib("VmRSS")
+        fn()
+        return (resident_kib("VmHWM") - before) / 1024
+
+    forward(z[:, :64].detach().requires_grad_()).sum().backward()  # library set-up, not the layer's memory
+    layer.zero_grad(set_to_none=False)                             # gradient buffers exist before both runs
+    print(json.dumps({"fwd": peak_mib(fwd), "fwd+bwd": peak_mib(fwd_bwd)}))
+
+
+def layer_peak_memory(variant, args, device, dtype, E, k):
+    """{"fwd": MiB, "fwd+bwd": MiB} peaks of the layer variant, measured in a fresh subprocess."""
+    spec = dict(variant=variant, device=str(device), dtype=str(dtype).removeprefix("torch."), T=args.tokens,
+                D=args.width, Dh=4 * args.width, E=E, k=k)
+    # glibc returns every block of 64 KiB or more to the system when freed, so the resident set is live memory
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    result = subprocess.run([sys.executable, "-m", "nanosar.bench_model", "--layer-memory", json.dumps(spec)],
+                            capture_output=True, text=True, env=env, check=False)
+    if result.returncode != 0:
+        print(f"   ({variant}: memory measurement failed: {result.stderr.strip().splitlines()[-1:]})")
+        return {"fwd": float("nan"), "fwd+bwd": float("nan")}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def cell(value, width, fmt=".2f", suffix=""):
+    """value formatted to width, or '-' when it was not measured (NaN)."""
+    return f"{'-':>{width}s}" if math.isnan(value) else f"{value:{width - len(suffix)}{fmt}}{suffix}"
+
+
 def bench_moe_layer(args, device, dtype):
     T, D, Dh = args.tokens, args.width, 4 * args.width
     print(f"\n== one FFN layer: T={T} tokens, D={D}, Dh={Dh}, {dtype}, {device.type}; dense FFN has hidden k*Dh ==")
-    print(f"{'E':>3s} {'k':>2s} {'layer':14s} {'fwd ms':>8s} {'fwd+bwd ms':>11s} "
-          f"{'fwd vs dense':>13s} {'f+b vs dense':>13s}")
+    print("   peak MiB: one forward (no grad) and one forward+backward, each in a fresh process, above the "
+          "resident weights and input;\n   moe-gmm*: torch._grouped_mm forced, memory only")
+    print(f"{'E':>3s} {'k':>2s} {'layer':15s} {'fwd ms':>8s} {'f+b ms':>8s} {'fwd vs dense':>13s} "
+          f"{'f+b vs dense':>13s} {'fwd MiB':>8s} {'f+b MiB':>8s} {'fwd vs dense':>13s} {'f+b vs dense':>13s}")
+    nan = float("nan")
     for E in args.experts:
         for k in (1, 2):
             z = torch.randn(1, T, D, device=device, dtype=dtype, requires_grad=True)
             s = torch.randn(1, 3, device=device)
-            layers = {"dense": lambda: Mlp(D, k * Dh)}
-            for dispatch in moe_variants(device):
-                layers[f"moe-{dispatch}"] = lambda d=dispatch: MoEFFN(D, Dh, E, k, descriptor_dim=3, dispatch=d)
-            base = None
-            for label, make_layer in layers.items():
-                fwd, fb = layer_times(make_layer().to(device, dtype), z, s, device, args.reps)
-                free_cuda_cache(device)
-                base = base or (fwd, fb)
-                print(f"{E:3d} {k:2d} {label:14s} {fwd * 1e3:8.2f} {fb * 1e3:11.2f} {fwd / base[0]:12.2f}x "
-                      f"{fb / base[1]:12.2f}x")
+            variants = ["dense"] + [f"moe-{d}" for d in moe_variants(device)]
+            if args.memory and dtype != torch.float64:     # torch._grouped_mm takes fp32 (CPU) or bf16
+                variants += ["moe-gmm", "moe-gmm-gather"]
+            peaks = {}
+            for variant in variants:
+                fwd = fb = nan
+                if not variant.startswith("moe-gmm"):      # they patch model.py: subprocess only
+                    fwd, fb = layer_times(make_layer(variant, D, Dh, E, k).to(device, dtype), z, s, device, args.reps)
+                    free_cuda_cache(device)
+                mem = layer_peak_memory(variant, args, device, dtype, E, k) if args.memory else {}
+                peaks[variant] = mem = {"fwd": mem.get("fwd", nan), "fwd+bwd": mem.get("fwd+bwd", nan)}
+                if variant == "dense":
+                    base = fwd, fb
+                dense = peaks["dense"]
+                print(f"{E:3d} {k:2d} {variant:15s} {cell(fwd * 1e3, 8)} {cell(fb * 1e3, 8)} "
+                      f"{cell(fwd / base[0], 13, suffix='x')} {cell(fb / base[1], 13, suffix='x')} "
+                      f"{cell(mem['fwd'], 8, '.1f')} {cell(mem['fwd+bwd'], 8, '.1f')} "
+                      f"{cell(mem['fwd'] / dense['fwd'], 13, suffix='x')} "
+                      f"{cell(mem['fwd+bwd'] / dense['fwd+bwd'], 13, suffix='x')}", flush=True)
+            if "moe-gmm-gather" in peaks:
+                new, old = peaks["moe-gmm"], peaks["moe-gmm-gather"]
+                print(f"{E:3d} {k:2d} grouped_mm biases, in-place one-hot matmul / gathered per row: peak "
+                      f"{new['fwd'] / old['fwd']:.2f}x forward, "
+                      f"{new['fwd+bwd'] / old['fwd+bwd']:.2f}x forward+backward")
 
 
 def main():
@@ -170,7 +286,11 @@ def main():
     parser.add_argument("--width", type=int, default=None, help="MoE layer width D; default 256 (cpu), 1024 (cuda)")
     parser.add_argument("--experts", type=int, nargs="+", default=None, help="default 6 (cpu), 6 16 64 (cuda)")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the layer memory figures")
+    parser.add_argument("--layer-memory", default=None, help=argparse.SUPPRESS)  # internal: one measurement
     args = parser.parse_args()
+    if args.layer_memory:
+        return layer_peak_memory_child(json.loads(args.layer_memory))
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     args.presets = args.presets or (["small", "large"] if gpu else ["tiny", "small"])

@@ -6,9 +6,10 @@ references, and their share of a whole MoE layer. Figures are medians of one run
     python -m nanosar.bench_ops --device=cuda      # GPU: T=32768, D=1024, Dh=4096, E in {6,16,64}, bf16
 
 For each E and k: forward and forward+backward time of gating, permute and combine, reference vs
-kernel (target on an H200: kernel at least 3x faster), and the three kernels' share of the MoE layer's
-forward+backward (target: under 10%). The layer against a dense FFN and the presets against a dense
-ViT are in nanosar/bench_model.py.
+kernel (target on an H200: kernel at least 3x faster), the three kernels' share of the MoE layer's
+forward+backward (target: under 10%), and the cost of combine's index check (on CUDA a device-to-host
+read of the check's flags, i.e. a stream sync; the CPU op always checks, so there the two are equal).
+The layer against a dense FFN and the presets against a dense ViT are in nanosar/bench_model.py.
 """
 
 import argparse
@@ -43,6 +44,18 @@ def op_runners(impl, logits, x, expert_out, E, k):
         "permute": (lambda: impl.permute(x, idx, E), permute_fb),
         "combine": (lambda: impl.combine(expert_out, gates, order), combine_fb),
     }
+
+
+def combine_check_times(logits, x, expert_out, E, k, device, reps):
+    """Milliseconds of the combine kernel's forward with and without its check of order."""
+    ext = moe_ops.extension_for(x)
+    expert_idx, gates = M.gating(logits, k)[:2]
+    order = M.permute(x[:, :1], expert_idx, E)[1]
+    times = []
+    for check in (True, False):
+        run = lambda c=check: ext.combine_forward(expert_out, gates, order, check_order=c)  # noqa: E731
+        times.append(time_call(run, device, reps=reps) * 1e3)
+    return times
 
 
 def main():
@@ -80,6 +93,9 @@ def main():
                 kernel_fb_total += kfb
                 print(f"{E:3d} {k:2d} {op:8s} {rf:8.3f} {kf:9.3f} {rf / kf:8.1f}x "
                       f"{rfb:8.3f} {kfb:9.3f} {rfb / kfb:8.1f}x")
+            checked, unchecked = combine_check_times(logits, x, expert_out, E, k, device, args.reps)
+            print(f"{E:3d} {k:2d} {'check':8s} combine forward with the order check {checked:.3f} ms, "
+                  f"without {unchecked:.3f} ms ({checked / unchecked:.2f}x)")
             layer = M.MoEFFN(D, 4 * D, E, k, descriptor_dim=3, dispatch="kernels").to(device, dtype)
             z = torch.randn(1, T, D, device=device, dtype=dtype, requires_grad=True)
             layer_fb = layer_times(layer, z, torch.randn(1, 3, device=device), device, args.reps)[1] * 1e3

@@ -1,10 +1,12 @@
 """
 The one on-disk format that prepare.py writes and train.py / eval.py read, and helpers shared by the
-dataset converters (TIFF reading with clear errors, tiling with overlap, label remapping).
+dataset converters (tiling with overlap, label remapping). Reading TIFF / PNG / JPEG files and their
+georeferencing is nanosar/geotiff.py; the pixel units and their conversions are nanosar/units.py.
 
 A split is one folder:
 
-    <split>/images.npy   (N, C, H, W) float16, pixels in meta["unit"] (see UNITS)
+    <split>/images.npy   (N, C, H, W) float16, pixels in meta["unit"] (nanosar/units.py; for "dn" with
+                         meta["dn_scale"], the DN per unit amplitude, or null when unknown)
     <split>/labels.npy   (N, H, W) uint8 class ids, 255 = ignore
     <split>/tiles.jsonl  one JSON object per tile: where it came from (file, row, col) and, for
                          georeferenced sources, the tile's GeoTIFF tags
@@ -12,32 +14,30 @@ A split is one folder:
                          pixel spacing, looks, class names, provenance, sha256 of both arrays
 
 The .npy files are read with np.load(mmap_mode="r"): zero-copy, any tile in O(1). A split is written
-into a temporary folder and renamed into place when complete, so a crash never leaves half a split.
+into a temporary folder and renamed into place when complete, so a crash never leaves half a split;
+the debris of a killed writer (`<split>.tmp-PID`, `<split>.old-PID`) is cleaned up by the next one.
+Opening a split checks meta.json (valid JSON, required keys) and that its label values fit its classes.
 """
 
 import hashlib
 import json
 import os
-import shutil
 
 import numpy as np
+
+from nanosar.files import (explain_os_error, remove_path, remove_stale_temporaries, replace_folder,
+                           restore_stale_backups, temporary_name)
+from nanosar.files import write_text_atomic  # noqa: F401  (re-exported: eval.py imports it from here)
+from nanosar.geotiff import GEOTIFF_TAGS, TiffWindows  # noqa: F401  (re-exported for eval.py, for now)
+from nanosar.units import UNITS  # model.py imports it from here, for now
 
 FORMAT_VERSION = 1
 IGNORE = 255
 # The CrossEarth-SAR pre-training taxonomy; integer order is nanosar's (the paper does not give one).
 CLASSES_7 = ("other", "building", "road", "water", "bare_land", "forest", "cropland")
-# What a pixel value means: linear intensity (sigma0), linear amplitude (sqrt of intensity, or DN),
-# dB (10 log10 intensity), complex SLC as (real, imag) channels, or one component of the SLC.
-UNITS = ("intensity", "amplitude", "db", "complex", "real", "imag")
 NPY_HEADER_BYTES = 256  # fixed-size .npy header, so the tile count can be filled in when writing ends
-
-
-def write_text_atomic(path, text):
-    """Write a text file under a temporary name, then rename it into place."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+REQUIRED_META = ("unit", "channels", "class_names", "num_tiles")  # what a reader of a split needs
+SUITE_SETTINGS = ("tile", "seed", "generator_version")  # suite.json keys each split's provenance repeats
 
 
 def npy_header(shape, dtype):
@@ -51,16 +51,30 @@ def npy_header(shape, dtype):
     return b"\x93NUMPY\x01\x00" + len(body).to_bytes(2, "little") + body
 
 
+def clean_split_debris(folder, name=None):
+    """Tidy a folder of splits after killed writers: put back a `<split>.old-PID` backup whose split is
+    missing (killed mid-replace) and remove `<split>.tmp-PID` temporaries of dead processes; only those of
+    split `name` when given. Temporaries of live processes (parallel writers) are left alone."""
+    restore_stale_backups(folder, name)
+    remove_stale_temporaries(folder, name)
+
+
 class SplitWriter:
     """Append tiles to a new split folder; the folder appears, complete, only when close() succeeds.
 
         with SplitWriter("data/x/train", meta) as w:
             w.add(image (C, H, W), label (H, W), source="scene.tif", row=0, col=512)
 
-    meta must hold "unit" (one of UNITS), "channels" (names, in order) and "class_names"; everything
-    else (sensor, band, ...) is copied into meta.json as given. Every tile is checked: shape, finite
-    pixels, label values in [0, num_classes) or 255; a bad tile raises ValueError naming its source
-    and nothing is left on disk.
+    meta must hold "unit" (one of nanosar.units.UNITS), "channels" (names, in order) and "class_names";
+    for unit "dn" meta.json also records "dn_scale", the DN per unit of calibrated amplitude (null when
+    unknown, the default). Everything else (sensor, band, ...) is copied into meta.json as given.
+    Every tile is checked: shape, finite pixels, label values in [0, num_classes) or 255; a bad tile
+    raises ValueError naming its source and nothing is left on disk. A write that fails (disk full)
+    raises OSError naming the split, after removing the temporary folder; an older split at the same
+    path is left as it was. The debris of killed writers of the same split (`<split>.tmp-PID`,
+    `<split>.old-PID`) is cleaned up first.
+    meta.json also records the label values present and the pixels per class, so a reader checks its
+    labels against class_names without scanning them.
     """
 
     def __init__(self, path, meta):
@@ -69,17 +83,26 @@ class SplitWriter:
                 raise ValueError(f"split meta for {path} lacks {key!r}")
         if meta["unit"] not in UNITS:
             raise ValueError(f"unit {meta['unit']!r} for {path} is not one of {UNITS}")
-        self.path = os.path.abspath(path)
         self.meta = dict(meta)
+        if meta["unit"] == "dn":
+            scale = self.meta.setdefault("dn_scale", None)
+            if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+                raise ValueError(f"dn_scale for {path} must be a positive number or None (unknown), got {scale!r}")
+        self.path = os.path.abspath(path)
         self.num_classes = len(meta["class_names"])
-        self.tmp = f"{self.path}.tmp-{os.getpid()}"
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        os.makedirs(self.tmp)
-        self.files = {name: open(os.path.join(self.tmp, f"{name}.npy"), "wb") for name in ("images", "labels")}
+        self.tmp = temporary_name(self.path)
+        self.files, self.tiles = {}, None
+        try:
+            clean_split_debris(os.path.dirname(self.path), os.path.basename(self.path))   # and our own tmp
+            os.makedirs(self.tmp)
+            self.files = {name: open(os.path.join(self.tmp, f"{name}.npy"), "wb") for name in ("images", "labels")}
+            for f in self.files.values():
+                f.write(b"\0" * NPY_HEADER_BYTES)               # placeholder, rewritten by close()
+            self.tiles = open(os.path.join(self.tmp, "tiles.jsonl"), "w")
+        except OSError as e:
+            self._fail(e)
         self.hashes = {name: hashlib.sha256() for name in self.files}
-        for f in self.files.values():
-            f.write(b"\0" * NPY_HEADER_BYTES)               # placeholder, rewritten by close()
-        self.tiles = open(os.path.join(self.tmp, "tiles.jsonl"), "w")
+        self.label_counts = np.zeros(256, np.int64)            # pixels per label value, 255 = ignore
         self.count, self.tile_shape = 0, None
 
     def add(self, image, label, source="", **info):
@@ -107,11 +130,16 @@ class SplitWriter:
         if bad.size:
             raise ValueError(f"{where}: unknown label values {bad.tolist()} for {self.num_classes} classes "
                              f"{list(self.meta['class_names'])} (255 = ignore)")
-        for name, array in (("images", image.astype(np.float16)), ("labels", label.astype(np.uint8))):
-            data = np.ascontiguousarray(array).tobytes()
-            self.files[name].write(data)
-            self.hashes[name].update(data)
-        self.tiles.write(json.dumps({"source": source, **info}) + "\n")
+        label = label.astype(np.uint8)
+        try:
+            for name, array in (("images", image.astype(np.float16)), ("labels", label)):
+                data = np.ascontiguousarray(array).tobytes()
+                self.files[name].write(data)
+                self.hashes[name].update(data)
+            self.tiles.write(json.dumps({"source": source, **info}) + "\n")
+        except OSError as e:
+            self._fail(e)
+        self.label_counts += np.bincount(label.ravel(), minlength=256)
         self.count += 1
 
     def close(self):
@@ -120,35 +148,46 @@ class SplitWriter:
             self.abort()
             raise ValueError(f"no tiles were written to {self.path}")
         C, H, W = self.tile_shape
-        arrays = (("images", (self.count, C, H, W), np.float16), ("labels", (self.count, H, W), np.uint8))
-        for name, shape, dtype in arrays:
-            f = self.files[name]
-            f.seek(0)
-            f.write(npy_header(shape, dtype))
-            f.close()
-        self.tiles.close()
+        values = np.flatnonzero(self.label_counts)
         meta = {
             **self.meta,
             "format_version": FORMAT_VERSION,
             "num_tiles": self.count,
             "tile_shape": [C, H, W],
             "ignore_index": IGNORE,
+            "label_values": values.tolist(),                                  # sorted, 255 = ignore
+            "class_pixels": self.label_counts[:self.num_classes].tolist(),     # pixels per class id
             "sha256": {f"{name}.npy": h.hexdigest() for name, h in self.hashes.items()},  # of the array data
         }
-        with open(os.path.join(self.tmp, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=1)
-        old = f"{self.path}.old-{os.getpid()}"
-        if os.path.exists(self.path):
-            os.replace(self.path, old)
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        os.replace(self.tmp, self.path)
-        shutil.rmtree(old, ignore_errors=True)
+        arrays = (("images", (self.count, C, H, W), np.float16), ("labels", (self.count, H, W), np.uint8))
+        try:
+            for name, shape, dtype in arrays:
+                f = self.files[name]
+                f.seek(0)
+                f.write(npy_header(shape, dtype))
+                f.close()                                          # flushes: a full disk fails here
+            self.tiles.close()
+            with open(os.path.join(self.tmp, "meta.json"), "w") as f:
+                json.dump(meta, f, indent=1)
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            replace_folder(self.tmp, self.path)
+        except OSError as e:
+            self._fail(e)
 
     def abort(self):
-        """Remove everything written so far."""
+        """Remove everything written so far. Never raises for a file that cannot be flushed (full disk)."""
         for f in (*self.files.values(), self.tiles):
-            f.close()
-        shutil.rmtree(self.tmp, ignore_errors=True)
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:
+                pass                       # a failed flush on a full disk; the file is closed all the same
+        remove_path(self.tmp)
+
+    def _fail(self, error):
+        """Abort after an OSError and raise it again as one line naming the split."""
+        self.abort()
+        raise OSError(error.errno, explain_os_error(error, self.path)) from error
 
     def __enter__(self):
         return self
@@ -160,36 +199,82 @@ class SplitWriter:
             self.abort()
 
 
+def read_meta(path):
+    """meta.json of the split folder `path` as a dict; ValueError naming the file if it is not valid JSON
+    or lacks a key readers need (REQUIRED_META), FileNotFoundError if the folder or the file is missing."""
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"split folder {path} does not exist (run prepare.py first)")
+    if not os.path.isfile(meta_path):
+        raise FileNotFoundError(f"split {path} is incomplete: meta.json is missing")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except ValueError as e:                                   # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{meta_path} is not valid JSON ({e}): re-run prepare.py") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path} holds a {type(meta).__name__}, not a JSON object: re-run prepare.py")
+    missing = [key for key in REQUIRED_META if key not in meta]
+    if missing:
+        raise ValueError(f"{meta_path} lacks {', '.join(map(repr, missing))}: re-run prepare.py")
+    if not isinstance(meta["num_tiles"], int) or not isinstance(meta["class_names"], list):
+        raise ValueError(f"{meta_path}: num_tiles must be an integer and class_names a list, got "
+                         f"{meta['num_tiles']!r} and {meta['class_names']!r}: re-run prepare.py")
+    return meta
+
+
+def label_values(labels, chunk_bytes=64 << 20):
+    """Sorted label values present in labels (N, H, W) uint8, read in chunks of about chunk_bytes (for
+    memory-mapped splits written before meta.json recorded them)."""
+    counts = np.zeros(256, np.int64)
+    step = max(1, chunk_bytes // max(1, labels[0].size if len(labels) else 1))
+    for i in range(0, len(labels), step):
+        counts += np.bincount(np.asarray(labels[i:i + step]).ravel(), minlength=256)
+    return np.flatnonzero(counts).tolist()
+
+
 class Split:
-    """A prepared split, memory-mapped: images (N, C, H, W) float16, labels (N, H, W) uint8, meta dict."""
+    """A prepared split, memory-mapped: images (N, C, H, W) float16, labels (N, H, W) uint8, meta dict.
+
+    Opening checks meta.json, the array shapes, and that every label value is a class id or 255
+    (from meta.json's label_values; splits written before it existed are scanned once). verify=True
+    also recomputes the sha256 of both arrays, which catches files changed after writing."""
 
     def __init__(self, path, verify=False):
         self.path = path
-        meta_path = os.path.join(path, "meta.json")
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"split folder {path} does not exist (run prepare.py first)")
-        for name in ("meta.json", "images.npy", "labels.npy"):
+        self.meta = read_meta(path)
+        for name in ("images.npy", "labels.npy"):
             if not os.path.isfile(os.path.join(path, name)):
                 raise FileNotFoundError(f"split {path} is incomplete: {name} is missing")
-        with open(meta_path) as f:
-            self.meta = json.load(f)
         try:
             self.images = np.load(os.path.join(path, "images.npy"), mmap_mode="r")
             self.labels = np.load(os.path.join(path, "labels.npy"), mmap_mode="r")
         except ValueError as e:
             raise ValueError(f"split {path}: cannot map its arrays ({e}); the files are truncated or corrupt") from e
-        n = self.meta.get("num_tiles")
+        n = self.meta["num_tiles"]
         if self.images.shape[0] != n or self.labels.shape != (n, *self.images.shape[2:]):
             raise ValueError(f"split {path}: images {self.images.shape} and labels {self.labels.shape} do not "
                              f"match meta.json ({n} tiles)")
+        self.check_labels()
         if verify:
             self.verify()
+
+    def check_labels(self):
+        """ValueError naming the split if a label value is neither a class id (< len(class_names)) nor 255."""
+        values = self.meta.get("label_values")
+        if values is None:
+            values = label_values(self.labels)                 # a split from before label_values
+        K = len(self.class_names)
+        bad = [v for v in values if not (0 <= v < K or v == IGNORE)]
+        if bad:
+            raise ValueError(f"split {self.path}: label values {bad} are neither class ids of its {K} classes "
+                             f"{self.class_names} nor 255 (ignore); labels and meta.json disagree: re-run prepare.py")
 
     def verify(self):
         """Recompute the sha256 of both arrays and compare with meta.json."""
         for name, array in (("images.npy", self.images), ("labels.npy", self.labels)):
             digest = hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
-            if digest != self.meta["sha256"][name]:
+            if digest != self.meta.get("sha256", {}).get(name):
                 raise ValueError(f"split {self.path}: {name} checksum mismatch (file changed or corrupt)")
 
     def __len__(self):
@@ -208,64 +293,46 @@ class Split:
         return list(self.meta["class_names"])
 
 
-# -----------------------------------------------------------------------------
-# Helpers for the converters
+def check_suite_complete(root):
+    """Check the synthetic suite in `root` (prepare.py synthetic) before using it; returns suite.json's dict.
 
-
-def read_tiff(path, bands=None):
-    """Read a (Geo)TIFF as (C, H, W) plus its GeoTIFF tags. Clear errors for missing, truncated or
-    compressed-without-codec files, and a wrong band count when `bands` is given."""
-    import tifffile
-
+    ValueError naming the file if suite.json says the suite is incomplete (a run was killed, or is still
+    writing) or a domain split's meta.json disagrees with the suite's settings (tile size, seed, tile
+    count, generator version): a run with other settings was interrupted and left both behind.
+    Suites written before these settings were recorded are accepted as they are.
+    """
+    path = os.path.join(root, "suite.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: file not found")
+        raise FileNotFoundError(f"{path} not found: run python prepare.py synthetic --out {root}")
     try:
-        with tifffile.TiffFile(path) as tif:
-            page = tif.pages[0]
-            array = page.asarray()
-            geo = geotiff_tags(page)
-            planar = page.planarconfig
-    except (ValueError, KeyError, IndexError, OSError, tifffile.TiffFileError) as e:
-        if "imagecodecs" in str(e):
-            raise RuntimeError(f"{path}: compressed with a codec that needs the optional package imagecodecs "
-                               f"(pip install imagecodecs): {e}") from e
-        raise ValueError(f"{path}: cannot read TIFF ({e}); the file may be truncated or corrupt") from e
-    if array.ndim == 2:
-        array = array[None]
-    elif array.ndim == 3 and planar == 1 and array.shape[-1] < array.shape[0]:  # contig: (H, W, C)
-        array = np.moveaxis(array, -1, 0)
-    if bands is not None and array.shape[0] != bands:
-        raise ValueError(f"{path}: expected {bands} band(s), found {array.shape[0]} (array shape {array.shape})")
-    return array, geo
+        with open(path) as f:
+            suite = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): re-run prepare.py synthetic --out {root}") from e
+    tiles = suite.get("tiles") or {}
+    rerun = (f"re-run python prepare.py synthetic --out {root} --tile {suite.get('tile')} --seed {suite.get('seed')}"
+             + "".join(f" --{split}-tiles {n}" for split, n in tiles.items()))
+    if suite.get("complete") is False:
+        raise ValueError(f"{path}: the suite is incomplete (prepare.py was interrupted or is still running); "
+                         f"{rerun} (finished domains are kept)")
+    domains = suite.get("domains") or sorted({b[k] for b in suite.get("benchmarks", []) for k in ("source", "target")})
+    for domain in domains:
+        for split, n in tiles.items():
+            split_path = os.path.join(root, domain, split)
+            meta = read_meta(split_path)
+            provenance = meta.get("provenance") or {}
+            found = {"tiles": meta["num_tiles"], **{k: provenance.get(k) for k in SUITE_SETTINGS}}
+            wanted = {"tiles": n, **{k: suite[k] for k in SUITE_SETTINGS if k in suite}}
+            differ = {k: (found[k], v) for k, v in wanted.items() if found[k] != v}
+            if differ:
+                text = ", ".join(f"{k} {a} (suite.json: {b})" for k, (a, b) in differ.items())
+                raise ValueError(f"{split_path} was written with other settings than {path}: {text}; {rerun}")
+    return suite
 
 
-GEOTIFF_TAGS = {33550: "ModelPixelScale", 33922: "ModelTiepoint", 34264: "ModelTransformation",
-                34735: "GeoKeyDirectory", 34736: "GeoDoubleParams", 34737: "GeoAsciiParams", 42113: "GDAL_NODATA"}
-
-
-def geotiff_tags(page):
-    """{name: value} of the GeoTIFF tags of a tifffile page (JSON-friendly lists), {} if none."""
-    tags = {}
-    for code, name in GEOTIFF_TAGS.items():
-        if code in page.tags:
-            value = page.tags[code].value
-            tags[name] = value if isinstance(value, str) else list(np.asarray(value).ravel().tolist())
-    return tags
-
-
-def shift_geotags(geo, row, col):
-    """GeoTIFF tags of a tile cut at (row, col) pixels: the tiepoint or transformation moves with it."""
-    geo = dict(geo)
-    if "ModelTiepoint" in geo and "ModelPixelScale" in geo:
-        i, j, k, x, y, z = geo["ModelTiepoint"][:6]
-        sx, sy = geo["ModelPixelScale"][:2]
-        geo["ModelTiepoint"] = [0.0, 0.0, k, x + (col - i) * sx, y - (row - j) * sy, z]
-    elif "ModelTransformation" in geo:
-        m = list(geo["ModelTransformation"])
-        m[3] += m[0] * col + m[1] * row
-        m[7] += m[4] * col + m[5] * row
-        geo["ModelTransformation"] = m
-    return geo
+# -----------------------------------------------------------------------------
+# Helpers for the converters and scene prediction: tiling with overlap, labels (values or colours) to class
+# ids, batches.
 
 
 def tile_positions(size, tile, overlap):
@@ -321,6 +388,49 @@ def remap_labels(label, mapping, path):
     return out.astype(np.uint8)
 
 
+def label_ids(array, path):
+    """A 1-band label (1, H, W) of integer values (floats allowed if integral) -> (H, W) integers."""
+    if array.shape[0] != 1:
+        raise ValueError(f"{path}: expected a 1-band label of class values, found {array.shape[0]} bands")
+    label = array[0]
+    if label.dtype.kind == "f":
+        if not (np.isfinite(label).all() and (label == np.round(label)).all()):
+            raise ValueError(f"{path}: label has NaN or non-integer values")
+        return label.astype(np.int64)
+    if label.dtype.kind not in "ui":
+        raise ValueError(f"{path}: label dtype {label.dtype} is not an integer type")
+    return label
+
+
+def colours_to_ids(rgb, palette, path):
+    """An RGB label (3, H, W) -> (H, W) ids with {(r, g, b): id}; unknown colours raise naming the file."""
+    code = (rgb[0].astype(np.int64) << 16) | (rgb[1].astype(np.int64) << 8) | rgb[2].astype(np.int64)
+    ids = np.full(code.shape, -1, np.int64)
+    for (r, g, b), cls in palette.items():
+        ids[code == (r << 16 | g << 8 | b)] = cls
+    if (ids < 0).any():
+        bad = [((c >> 16) & 255, (c >> 8) & 255, c & 255) for c in np.unique(code[ids < 0])[:8].tolist()]
+        raise ValueError(f"{path}: unknown label colours {bad}; expected {sorted(palette)}")
+    return ids
+
+
+def nearest_colours(rgb, palette, tolerance):
+    """An RGB label (3, H, W) uint8 with noisy colours -> ((H, W) values of the nearest palette colour,
+    255 where no palette colour is within `tolerance` in every channel; (P,) pixels per palette colour;
+    pixels matching none). palette: {(r, g, b): value}. Each distinct colour is looked up once."""
+    code = (rgb[0].astype(np.int32) << 16) | (rgb[1].astype(np.int32) << 8) | rgb[2].astype(np.int32)  # (H, W)
+    counts = np.bincount(code.ravel(), minlength=1 << 24)                  # pixels per 24-bit colour
+    seen = np.flatnonzero(counts)                                          # (K,) colours present
+    colours = np.stack([seen >> 16, (seen >> 8) & 255, seen & 255], 1)     # (K, 3)
+    keys = np.array(list(palette), np.int64)                               # (P, 3)
+    dist = np.abs(colours[:, None, :] - keys[None]).max(-1)                # (K, P) largest channel difference
+    nearest, matched = dist.argmin(1), dist.min(1) <= tolerance            # (K,)
+    lut = np.full(1 << 24, IGNORE, np.uint8)
+    lut[seen[matched]] = np.array(list(palette.values()), np.uint8)[nearest[matched]]
+    per_colour = np.bincount(nearest[matched], weights=counts[seen[matched]], minlength=len(keys))
+    return lut[code], per_colour.astype(np.int64), int(counts[seen[~matched]].sum())
+
+
 def load_batch(split, indices):
     """Tiles `indices` of a Split as torch tensors: images (B, C, H, W) float32 in the split's unit,
     labels (B, H, W) int64. Indices are read in sorted order (sequential on disk), returned as asked."""
@@ -333,92 +443,3 @@ def load_batch(split, indices):
     images[order] = split.images[indices[order]]
     labels[order] = split.labels[indices[order]]
     return torch.from_numpy(images).float(), torch.from_numpy(labels).long()
-
-
-class TiffWindows:
-    """Windows of a large (Geo)TIFF with bounded memory: an uncompressed contiguous image is memory-
-    mapped; a striped or tiled (compressed) one is read strip by strip or tile by tile, decoding only
-    the segments a window touches (a small cache keeps the last ones for overlapping windows).
-
-        scene = TiffWindows("scene.tif"); window = scene.read(y0, y1, x0, x1)   # (C, y1-y0, x1-x0)
-    """
-
-    def __init__(self, path, cache_segments=64):
-        import tifffile
-
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: file not found")
-        try:
-            self.tif = tifffile.TiffFile(path)
-            page = self.page = self.tif.pages[0]
-        except (ValueError, OSError, tifffile.TiffFileError) as e:
-            raise ValueError(f"{path}: cannot read TIFF ({e}); the file may be truncated or corrupt") from e
-        self.path = path
-        self.height, self.width, self.bands = page.imagelength, page.imagewidth, page.samplesperpixel
-        self.dtype, self.geo = page.dtype, geotiff_tags(page)
-        self.separate = page.planarconfig == 2 and self.bands > 1
-        self.memmap = None
-        if page.is_contiguous and page.compression == 1:
-            try:
-                self.memmap = tifffile.memmap(path, page=0, mode="r")
-            except (ValueError, OSError):
-                self.memmap = None
-        self.chunk = (page.tilelength, page.tilewidth) if page.is_tiled else (page.rowsperstrip, self.width)
-        self.grid = (-(-self.height // self.chunk[0]), -(-self.width // self.chunk[1]))
-        self.cache, self.cache_size = {}, cache_segments
-
-    @property
-    def nodata(self):
-        """GDAL_NODATA as a number, or None."""
-        value = self.geo.get("GDAL_NODATA")
-        try:
-            return float(str(value).strip("\x00 ")) if value is not None else None
-        except ValueError:
-            return None
-
-    def _segment(self, index):
-        """Decoded strip/tile `index` as (rows, cols, samples)."""
-        if index not in self.cache:
-            page, fh = self.page, self.tif.filehandle
-            fh.seek(page.dataoffsets[index])
-            data = fh.read(page.databytecounts[index])
-            try:
-                segment, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
-            except (ValueError, NotImplementedError, KeyError) as e:
-                hint = " (pip install imagecodecs for this compression)" if "imagecodecs" in str(e) else ""
-                raise RuntimeError(f"{self.path}: cannot decode segment {index}: {e}{hint}") from e
-            if len(self.cache) >= self.cache_size:
-                self.cache.pop(next(iter(self.cache)))
-            self.cache[index] = segment[0]                      # drop the depth axis
-        return self.cache[index]
-
-    def read(self, y0, y1, x0, x1):
-        """Pixels of rows y0..y1-1 and columns x0..x1-1 (clipped to the image) as (C, h, w)."""
-        y0, x0, y1, x1 = max(y0, 0), max(x0, 0), min(y1, self.height), min(x1, self.width)
-        if self.memmap is not None:
-            m = self.memmap
-            if m.ndim == 2:
-                return np.asarray(m[y0:y1, x0:x1])[None]
-            if self.separate:                                        # (C, H, W) on disk
-                return np.asarray(m[:, y0:y1, x0:x1])
-            return np.moveaxis(np.asarray(m[y0:y1, x0:x1]), -1, 0)   # (H, W, C) on disk
-        out = np.empty((self.bands, y1 - y0, x1 - x0), self.dtype)
-        (ch, cw), (rows, cols) = self.chunk, self.grid
-        planes = range(self.bands) if self.separate else [None]
-        for plane in planes:
-            for r in range(y0 // ch, (y1 - 1) // ch + 1):
-                for c in range(x0 // cw, (x1 - 1) // cw + 1):
-                    index = (plane or 0) * rows * cols + r * cols + c
-                    seg = self._segment(index)                  # (rows, cols, samples)
-                    sy0, sy1 = max(y0, r * ch), min(y1, r * ch + ch, self.height)
-                    sx0, sx1 = max(x0, c * cw), min(x1, c * cw + cw, self.width)
-                    part = seg[sy0 - r * ch:sy1 - r * ch, sx0 - c * cw:sx1 - c * cw]   # (h, w, samples)
-                    target = out[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0]
-                    if plane is None:
-                        target[...] = np.moveaxis(part, -1, 0)
-                    else:
-                        target[plane] = part[..., 0]
-        return out
-
-    def close(self):
-        self.tif.close()

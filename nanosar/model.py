@@ -180,15 +180,17 @@ def directional_entropy(img, n_bins=18):
     Orientations are undirected (theta mod pi, so a bright-to-dark and a dark-to-bright edge count the
     same), split into n_bins equal bins over [0, pi), and each pixel votes with its gradient magnitude,
     so flat areas do not vote. Range [0, ln n_bins]: ~0 for one straight edge, ln n_bins for isotropic
-    texture such as pure speckle. An image with no gradient at all gets 0.
+    texture such as pure speckle. An image with no gradient at all gets 0; one with a NaN or inf pixel
+    gets NaN (never an out-of-range bin).
     """
     kx = SOBEL_X.to(img)[None, None]                    # (1, 1, 3, 3)
     ky = kx.transpose(2, 3)                             # Sobel y = transpose of Sobel x
     gx = F.conv2d(img[:, None], kx)[:, 0]               # (B, H-2, W-2), "valid": no padding artefacts
     gy = F.conv2d(img[:, None], ky)[:, 0]
     magnitude = torch.sqrt(gx**2 + gy**2).flatten(1)     # (B, P)
-    theta = torch.remainder(torch.atan2(gy, gx), math.pi).flatten(1)  # (B, P) in [0, pi)
-    bins = (theta * (n_bins / math.pi)).long().clamp_(max=n_bins - 1)
+    theta = torch.remainder(torch.atan2(gy, gx), math.pi).flatten(1)  # (B, P) in [0, pi), NaN where img is not finite
+    # a NaN must never become an index (NaN.long() is garbage): bin 0 for it, its NaN magnitude makes H NaN
+    bins = torch.nan_to_num(theta * (n_bins / math.pi), nan=0.0).long().clamp_(0, n_bins - 1)
     hist = img.new_zeros(img.shape[0], n_bins).scatter_add_(1, bins, magnitude)  # (B, n_bins)
     p = hist / hist.sum(dim=1, keepdim=True).clamp_min(1e-12)
     return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)  # 0 log 0 = 0
@@ -307,9 +309,10 @@ class Routing:
 
     expert_idx: torch.Tensor      # (T, k) int64 chosen experts, best first
     gates: torch.Tensor           # (T, k) float32 top-k probabilities renormalised to sum to 1
-    balance_loss: torch.Tensor    # () Switch loss E * sum_e f_e p_e, unweighted; 1.0 when routing is uniform
+    balance_loss: torch.Tensor    # () Switch loss E * sum_e f_e p_e of these T tokens, unweighted; 1.0 when uniform
     z_loss: torch.Tensor          # () mean logsumexp(logits)^2, unweighted
     tokens_per_expert: torch.Tensor  # (E,) int64 number of (token, slot) assignments per expert
+    mean_prob: torch.Tensor       # (E,) float32 mean router probability per expert, p_e (with gradient)
 
 
 def tokens_per_expert(expert_idx, n_experts):
@@ -327,10 +330,22 @@ def gating(logits, top_k):
     probabilities renormalised over the k. With k = 1 every gate is exactly 1 (so an upcycled model
     reproduces the dense FFN whatever the routing) and the router learns only through the balance and
     z losses, as in the paper.
+
+    Non-finite logits (the kernels follow the same rule, csrc/moe_ops.h):
+      * selection is a stable descending sort with NaN counted as +inf: +inf and NaN first, then finite
+        values, then -inf, equal keys by expert id. (Not torch.sort's own NaN order: on CUDA it can
+        depend on the NaN's sign bit, pytorch/pytorch#117617.) The ids are always k distinct experts in
+        [0, E), also when fewer than k logits are finite: [0, -inf, -inf] with k = 2 gives experts
+        [0, 1] with gates [1, 0], and counts that include expert 1.
+      * nothing is masked: a row with a NaN or +inf logit, or with only -inf logits, has NaN
+        probabilities (torch.softmax), hence NaN gates and a NaN mean_prob; its logsumexp is NaN, +inf
+        or -inf (torch.logsumexp), so the z-loss is NaN or inf. The loss turns non-finite and training
+        stops, instead of silently routing the token to some finite expert.
     """
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     probs = logits.softmax(dim=-1)                                                  # (T, E)
-    expert_idx = logits.sort(dim=-1, descending=True, stable=True).indices[:, :top_k]  # (T, k)
+    key = torch.where(logits.isnan(), math.inf, logits)                            # NaN counts as +inf
+    expert_idx = key.sort(dim=-1, descending=True, stable=True).indices[:, :top_k]  # (T, k)
     top_probs = probs.gather(1, expert_idx)                                         # (T, k)
     gates = top_probs / top_probs.sum(dim=-1, keepdim=True)                         # rows sum to 1
     counts = tokens_per_expert(expert_idx, logits.shape[1])                         # (E,)
@@ -339,28 +354,37 @@ def gating(logits, top_k):
 
 
 def switch_balance_loss(counts, mean_prob):
-    """Switch Transformer load-balance loss E * sum_e f_e p_e from counts (E,) and mean_prob (E,).
+    """Switch Transformer load-balance loss E * sum_e f_e p_e. counts (..., E), mean_prob (..., E) -> (...).
 
     f_e = share of the assignments that went to expert e (no gradient), p_e = mean router probability.
     Equals 1 when routing is uniform and E when every token goes to one expert with probability 1.
+    Batched over leading dimensions, e.g. (L, E) -> (L,) for the L MoE blocks.
     """
-    fraction_routed = counts.to(mean_prob.dtype) / counts.sum()
-    return mean_prob.numel() * (fraction_routed * mean_prob).sum()
+    fraction_routed = counts.to(mean_prob.dtype) / counts.sum(dim=-1, keepdim=True)
+    return mean_prob.shape[-1] * (fraction_routed * mean_prob).sum(dim=-1)
 
 
-def route(logits, top_k, gating_fn=gating, count_group=None):
+def balance_loss_over_blocks(counts, mean_prob):
+    """Mean over MoE blocks of the Switch loss. counts (L, E) int64, mean_prob (L, E) -> (). 0 when L = 0.
+
+    With SegmenterOutput.expert_load and .router_prob of one process it equals SegmenterOutput.balance_loss.
+    Under DDP, the loss of the global batch: sum expert_load over the processes (all_reduce, outside the
+    model: every process must issue it, once per step), then call this with the local router_prob;
+    DDP's gradient averaging turns the local p_e into the global mean (same number of tokens per process).
+    """
+    if counts.shape[0] == 0:
+        return mean_prob.new_zeros(())
+    return switch_balance_loss(counts, mean_prob).mean()
+
+
+def route(logits, top_k, gating_fn=gating):
     """Router logits (T, E) -> Routing, with gating_fn the reference above or the extension's kernel.
 
-    count_group: a torch.distributed process group (train.py sets it under DDP) over which the token
-    counts f_e of the balance loss are summed, so the loss sees the global batch's routing; p_e stays
-    local and DDP's gradient averaging makes it global (every process routes the same number of tokens).
+    The balance loss uses this call's own counts: no collective here (a forward that all-reduces hangs
+    as soon as the processes do not all run it, e.g. in evaluation); see balance_loss_over_blocks.
     """
     expert_idx, gates, counts, mean_prob, z_loss = gating_fn(logits, top_k)
-    balance_counts = counts
-    if count_group is not None:
-        balance_counts = counts.clone()
-        torch.distributed.all_reduce(balance_counts, group=count_group)
-    return Routing(expert_idx, gates, switch_balance_loss(balance_counts, mean_prob), z_loss, counts)
+    return Routing(expert_idx, gates, switch_balance_loss(counts, mean_prob), z_loss, counts, mean_prob)
 
 
 class PhysicsRouter(nn.Module):
@@ -423,16 +447,23 @@ def grouped_mm_supported(x):
     return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
 
 
-def grouped_expert_ffn(x_sorted, expert_of_row, counts, w1, b1, w2, b2):
+def grouped_expert_ffn(x_sorted, expert_of_row, counts, w1, b1, w2, b2, use_grouped_mm=None):
     """All experts on expert-contiguous rows. x_sorted: (S, D) grouped by expert, counts: (E,) -> (S, D).
 
     One grouped matmul per layer where torch._grouped_mm is supported; otherwise one matmul per
     expert on its contiguous slice (no Python loop over tokens, E matmuls, one host sync for sizes).
+    use_grouped_mm: None = where it is fast (grouped_mm_supported); True forces it (it also runs on CPU
+    in float32 when rows are multiples of 16 bytes: the tests compare it with the slices there).
     """
-    if grouped_mm_supported(x_sorted):
+    if use_grouped_mm is None:
+        use_grouped_mm = grouped_mm_supported(x_sorted)
+    if use_grouped_mm:
         offsets = counts.cumsum(0).to(torch.int32)                               # (E,) end row of each group
-        h = torch._grouped_mm(x_sorted, w1, offs=offsets) + b1[expert_of_row]     # (S, Dh)
-        return torch._grouped_mm(F.gelu(h), w2, offs=offsets) + b2[expert_of_row]  # (S, D)
+        # biases: row r needs b[expert_of_row[r]]. Gathering them would build an (S, Dh) tensor; a matmul
+        # with the rows' one-hot expert matrix, added in place to the grouped matmul's output, does not
+        onehot = x_sorted.new_zeros(x_sorted.shape[0], w1.shape[0]).scatter_(1, expert_of_row[:, None], 1.0)  # (S, E)
+        h = torch._grouped_mm(x_sorted, w1, offs=offsets).addmm_(onehot, b1)     # (S, Dh) x w1[e] + b1[e]
+        return torch._grouped_mm(F.gelu(h), w2, offs=offsets).addmm_(onehot, b2)  # (S, D)
     slices = x_sorted.split(counts.tolist())                                     # E x (n_e, D)
     return torch.cat([expert_ffn(xs, w1[e], b1[e], w2[e], b2[e]) for e, xs in enumerate(slices)])
 
@@ -477,22 +508,28 @@ def dispatch_kernels(x, expert_idx, gates, w1, b1, w2, b2):
     return dispatch_grouped(x, expert_idx, gates, w1, b1, w2, b2, permute=moe_ops.permute, combine=moe_ops.combine)
 
 
-def moe_functions(choice, x):
-    """The (gating, dispatch) pair for SARConfig.moe_dispatch on x's device.
+def moe_functions(choice, x, n_experts=1, top_k=1):
+    """The (gating, dispatch) pair for SARConfig.moe_dispatch, for an MoE layer on x's device.
 
-    "loop" and "grouped" are the pure-PyTorch references. "kernels" uses the extension and fails if it
-    is not built; "auto" uses it when it is built for x's device (CUDA kernels on CUDA tensors, C++ on
-    CPU tensors) and falls back to "grouped" otherwise (and always on the meta device).
+    "loop" and "grouped" are the pure-PyTorch references. "kernels" uses the extension and raises if it
+    cannot run here; "auto" uses it when it can (CUDA kernels on CUDA tensors, C++ on CPU tensors) and
+    otherwise falls back to "grouped" with one line on stderr per reason: extension not built or built
+    without CUDA, no kernel image for this GPU, top_k or n_experts beyond the kernels' limits (see
+    moe_ops.unsupported_reason). The meta device always takes "grouped", silently.
     """
     if choice == "loop":
         return gating, dispatch_loop
     if choice == "grouped":
         return gating, dispatch_grouped
-    if moe_ops.extension_for(x) is not None:
+    reason = moe_ops.unsupported_reason(x, n_experts, top_k)
+    if reason is None:
+        kind = "CUDA" if x.is_cuda else "C++"
+        moe_ops.log_once(f"nanosar: MoE ops on {x.device.type}: {kind} kernels of {moe_ops.load_extension().__name__}")
         return moe_ops.gating, dispatch_kernels
     if choice == "kernels":
-        raise RuntimeError(f"moe_dispatch='kernels' but the nanosar extension has no {x.device.type} ops: "
-                           f"{moe_ops.build_hint()}")
+        raise RuntimeError(f"moe_dispatch='kernels' but {reason}")
+    if not x.is_meta:
+        moe_ops.log_once(f"nanosar: MoE ops on {x.device.type}: pure-PyTorch reference, because {reason}")
     return gating, dispatch_grouped
 
 
@@ -503,7 +540,6 @@ class MoEFFN(nn.Module):
         super().__init__()
         self.top_k = top_k
         self.dispatch = dispatch
-        self.count_group = None  # process group for global balance-loss counts (see route)
         self.router = PhysicsRouter(dim, descriptor_dim, n_experts)
         self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
         self.b1 = nn.Parameter(torch.zeros(n_experts, hidden_dim))
@@ -514,8 +550,8 @@ class MoEFFN(nn.Module):
 
     def forward(self, z, s=None):
         B, N, D = z.shape
-        gating_fn, dispatch_fn = moe_functions(self.dispatch, z)
-        routing = route(self.router(z, s), self.top_k, gating_fn, self.count_group)  # expert_idx, gates: (T, k)
+        gating_fn, dispatch_fn = moe_functions(self.dispatch, z, self.w1.shape[0], self.top_k)
+        routing = route(self.router(z, s), self.top_k, gating_fn)    # expert_idx, gates: (T, k)
         x = z.reshape(B * N, D)                                      # (T, D)
         weights = self.w1, self.b1, self.w2, self.b2
         if not z.is_meta and torch.is_autocast_enabled(z.device.type):  # raw matmuls below: cast as autocast would
@@ -671,10 +707,16 @@ class SegmenterOutput:
     z_loss: torch.Tensor          # () router z-loss, mean over MoE blocks
     expert_load: torch.Tensor     # (L, E) int64 assignments per expert in each MoE block; (0, 1) when dense
     descriptors: torch.Tensor     # (B, 3) raw [H_DE (nats), ENL, R_LR] per image
+    router_prob: torch.Tensor     # (L, E) float32 mean router probability per expert in each MoE block (with
+                                  # gradient); (0, 1) when dense. balance_loss_over_blocks(expert_load, router_prob)
 
 
 def check_input(x, cfg):
-    """Raise ValueError with a clear message unless x: (B, cfg.in_chans, H, W) finite, H and W multiples of p."""
+    """Raise ValueError with a clear message unless x: (B, cfg.in_chans, H, W), H and W multiples of p.
+
+    Shapes only, no look at the values (that would cost a host-device sync every forward): a NaN or inf
+    pixel gives NaN outputs and losses, never a crash. Data enters through check_finite.
+    """
     names = f" {list(cfg.channels)}" if cfg.channels else ""
     what = f"{cfg.in_chans} channel(s){names} in unit {cfg.input_unit!r}"
     if x.ndim != 4 or x.shape[1] != cfg.in_chans:
@@ -684,9 +726,19 @@ def check_input(x, cfg):
         raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {cfg.patch_size}; pad or crop it")
     if min(H, W) < 2 * cfg.roughness_block:
         raise ValueError(f"image size {H}x{W} is smaller than 2x2 roughness blocks of {cfg.roughness_block} pixels")
-    if not x.is_meta and not torch.isfinite(x).all():
-        bad = (~torch.isfinite(x)).sum().item()
-        raise ValueError(f"input has {bad} NaN or infinite values of {x.numel()}; mask or fill them first")
+
+
+def check_finite(x, where):
+    """Raise ValueError naming `where` (a file, a tile) if x holds NaN or inf values; return x unchanged.
+
+    x: a torch tensor or numpy array of pixels. For the places where data enters from files: the model
+    does not check values itself (see check_input). Costs a host-device sync on a GPU tensor.
+    """
+    finite = torch.isfinite(torch.as_tensor(x))
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(f"{where}: {bad} NaN or infinite values of {finite.numel()}; mask or fill them first")
+    return x
 
 
 class Segmenter(nn.Module):
@@ -714,11 +766,13 @@ class Segmenter(nn.Module):
             balance = torch.stack([r.balance_loss for r in routings]).mean()
             z_loss = torch.stack([r.z_loss for r in routings]).mean()
             load = torch.stack([r.tokens_per_expert for r in routings])        # (L, E)
+            router_prob = torch.stack([r.mean_prob for r in routings])         # (L, E)
         else:
             balance = z_loss = logits.new_zeros(())
             load = torch.zeros(0, 1, dtype=torch.long, device=x.device)
+            router_prob = torch.zeros(0, 1, device=x.device)
         aux = cfg.balance_loss_weight * balance + cfg.router_z_loss_weight * z_loss
-        return SegmenterOutput(logits, aux, balance, z_loss, load, s_raw)
+        return SegmenterOutput(logits, aux, balance, z_loss, load, s_raw, router_prob)
 
     def parameter_counts(self):
         """Parameters: total, active per token (top_k of n_experts experts), backbone and head split."""

@@ -6,10 +6,17 @@ references in nanosar/model.py, which the tests hold them to:
     permute(x (T, D), expert_idx, E) -> x_sorted (T*k, D), order (T*k,), counts (E,)
     combine(expert_out (T*k, D), gates (T, k), order) -> y (T, D)
 
-Which implementation runs (said once per device type on stderr):
+Which implementation runs (said once on stderr, with the reason when it is the reference):
     CUDA tensors + extension built with CUDA -> csrc/*.cu
     CPU tensors  + extension built           -> csrc/*_cpu.cpp
-    otherwise (or on the meta device)        -> model.py's references (moe_dispatch="auto" falls back)
+    otherwise -> model.py's references: no extension, built without CUDA, a GPU the build has no kernel
+    image for, the meta device, or a layer beyond the kernels' limits (top_k > 8; more than 512 experts
+    on CUDA). moe_dispatch="auto" then falls back; moe_dispatch="kernels" raises with the same reason.
+
+Index checks: permute rejects expert ids outside [0, E) and combine an order that is not a permutation
+of [0, T*k) with a RuntimeError, never a memory fault. On CUDA each permute and each combine forward
+reads its check back from the GPU (one small copy, a stream synchronisation: two per MoE layer in a
+training step); the backward ops reuse the order checked in the forward and do not sync.
 
 Build it with `pip install --no-build-isolation -e .` (setup.py), or set NANOSAR_JIT=1 to compile the
 sources of csrc/ just in time with ninja (torch.utils.cpp_extension.load), which is handy when editing
@@ -45,6 +52,9 @@ def build_jit(verbose=False):
                 extra_include_paths=includes, with_cuda=with_cuda, verbose=verbose)
 
 
+API_VERSION = 2  # csrc/bindings.cpp's api_version: a build of other sources is stale
+
+
 @functools.lru_cache(maxsize=None)
 def load_extension():
     """The compiled module (nanosar._C, or the JIT build when NANOSAR_JIT=1), or None if there is none."""
@@ -54,35 +64,64 @@ def load_extension():
         from nanosar import _C
     except ImportError:
         return None
+    if getattr(_C, "api_version", 1) != API_VERSION:
+        log_once(f"nanosar: {_C.__file__} is stale (built from older csrc/): ignored; {build_hint()}")
+        return None
     return _C
 
 
+_logged = set()
+
+
+def log_once(message):
+    """Print message on stderr the first time it comes."""
+    if message not in _logged:
+        _logged.add(message)
+        print(message, file=sys.stderr)
+
+
 @functools.lru_cache(maxsize=None)
-def _extension_for_device(device_type):
+def _device_support(device_type, device_index):
+    """(extension, None) if its ops run on this device, else (None, why not)."""
     ext = load_extension()
-    if device_type == "cuda" and ext is not None and not ext.with_cuda:
-        print("nanosar: MoE ops on cuda: pure-PyTorch reference (extension built without CUDA)", file=sys.stderr)
-        return None
     if device_type not in ("cpu", "cuda"):
-        return None
+        return None, f"the nanosar extension has no {device_type} ops"
     if ext is None:
-        print(f"nanosar: MoE ops on {device_type}: pure-PyTorch reference (no extension; {build_hint()})",
-              file=sys.stderr)
-        return None
-    kind = "CUDA kernels" if device_type == "cuda" else "C++ kernels"
-    print(f"nanosar: MoE ops on {device_type}: {kind} of {ext.__name__}", file=sys.stderr)
-    return ext
+        return None, f"the nanosar extension is not built: {build_hint()}"
+    if device_type == "cuda":
+        if not ext.with_cuda:
+            return None, "the nanosar extension was built without CUDA; rebuild it with a CUDA toolkit"
+        index = torch.cuda.current_device() if device_index is None else device_index
+        problem = ext.cuda_kernel_status(index)
+        if problem:
+            major, minor = torch.cuda.get_device_capability(index)
+            return None, (f"the nanosar CUDA kernels cannot run on {torch.cuda.get_device_name(index)} "
+                          f"(compute capability {major}.{minor}): {problem}; "
+                          f"rebuild with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\"")
+    return ext, None
+
+
+def unsupported_reason(x, n_experts=1, top_k=1):
+    """Why the extension's ops cannot run an MoE layer (n_experts, top_k) on x's device, or None if they can."""
+    ext, reason = _device_support(x.device.type, x.device.index)
+    if ext is None:
+        return reason
+    if top_k > ext.max_top_k:
+        return f"top_k={top_k} is above the kernels' limit of {ext.max_top_k}"
+    if x.is_cuda and n_experts > ext.max_experts_cuda:
+        return f"n_experts={n_experts} is above the CUDA kernels' limit of {ext.max_experts_cuda}"
+    return None
 
 
 def extension_for(x):
-    """The extension module that has ops for x's device, or None (not built, built without CUDA, meta)."""
-    return _extension_for_device(x.device.type)
+    """The extension module that has ops for x's device, or None (not built, no CUDA kernels for it, meta)."""
+    return _device_support(x.device.type, x.device.index)[0]
 
 
 def _ext(x):
-    ext = extension_for(x)
+    ext, reason = _device_support(x.device.type, x.device.index)
     if ext is None:
-        raise RuntimeError(f"nanosar extension has no {x.device.type} ops; {build_hint()}")
+        raise RuntimeError(reason)
     return ext
 
 
@@ -121,19 +160,21 @@ class PermuteFunction(torch.autograd.Function):
         T = order.numel() // ctx.top_k
         acc_dtype = torch.promote_types(grad_x_sorted.dtype, torch.float32)
         ones = torch.ones(T, ctx.top_k, dtype=acc_dtype, device=order.device)
-        return _ext(order).combine_forward(grad_x_sorted.contiguous(), ones, order), None, None
+        # order came from permute_forward: a permutation, no need for the check's device sync
+        return _ext(order).combine_forward(grad_x_sorted.contiguous(), ones, order, check_order=False), None, None
 
 
 class CombineFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, expert_out, gates, order):
         ctx.save_for_backward(expert_out, gates, order)
-        return _ext(expert_out).combine_forward(expert_out, gates, order)
+        return _ext(expert_out).combine_forward(expert_out, gates, order, check_order=True)
 
     @staticmethod
     def backward(ctx, grad_y):
         expert_out, gates, order = ctx.saved_tensors
-        grad_out, grad_gates = _ext(expert_out).combine_backward(grad_y.contiguous(), expert_out, gates, order)
+        grad_out, grad_gates = _ext(expert_out).combine_backward(grad_y.contiguous(), expert_out, gates, order,
+                                                                 check_order=False)  # checked in forward
         return grad_out, grad_gates, None
 
 

@@ -4,11 +4,13 @@ A physics-based SAR simulator for the embedded default data: procedural land-cov
 generalization suite whose 22 sub-benchmarks mirror the paper's 8 gap types.
 
     labels, heights = make_scene("N", size=128, spacing_m=8.0, rng)        # (H, W) class ids, metres
-    image, info = form_image(labels, heights, SENSORS["G3"], "HH", "db", rng, region="N")
+    image, info = form_image(labels, heights, SENSORS["G3"], "HH", "db", rng, region="N")            # (1, H, W)
+    image, info = form_image(labels, heights, SENSORS["S1"], ("VV", "VH"), "db", rng, region="N")    # (2, H, W)
 
 Reading order: 1. sensor profiles; 2. backscatter tables; 3. scene generators; 4. image formation
-(sigma0 with incidence dependence, layover / shadow / double bounce, K-distributed texture, speckle
-with the product's looks, noise floor, quantisation, representation); 5. the suite.
+(sigma0 with incidence dependence, layover / shadow / double bounce, K-distributed texture, thermal
+noise, speckle with the product's looks, thermal noise removal, quantisation, representation);
+5. the suite; 6. the descriptor table (python -m nanosar.sim --descriptors).
 Numbers come from ../shared/reference/sar_physics.md (engineering defaults, not measurements).
 """
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nanosar.data import CLASSES_7, SplitWriter
+from nanosar.units import SIM_DN_SCALE
 
 OTHER, BUILDING, ROAD, WATER, BARE, FOREST, CROP = range(7)
 SPEED_OF_LIGHT = 299_792_458.0
@@ -37,8 +40,9 @@ class Sensor:
     pixel_spacing_m: float
     looks: float               # equivalent number of looks of the detected product (1 = SLC available)
     incidence_deg: tuple       # (near, far) incidence angle across the swath
-    nesz_db: float             # noise-equivalent sigma zero
+    nesz_db: float             # noise-equivalent sigma zero: the thermal noise power, as a sigma0
     product: str               # "float" (calibrated floats) or "uint16_dn" (amplitude digital numbers)
+    noise_removed: bool = False  # True: the delivered sigma0 has the noise's expected power subtracted
 
     @property
     def wavelength_m(self):
@@ -46,7 +50,8 @@ class Sensor:
 
 
 SENSORS = {
-    "S1": Sensor("Sentinel-1 IW GRDH", "spaceborne", "C", 5.405, ("VV", "VH", "HH", "HV"), 10.0, 4.4, (29.0, 46.0), -22.0, "float"),
+    "S1": Sensor("Sentinel-1 IW GRDH", "spaceborne", "C", 5.405, ("VV", "VH", "HH", "HV"), 10.0, 4.4, (29.0, 46.0), -22.0, "float",
+                 noise_removed=True),
     "G3": Sensor("GF-3 QPSI", "spaceborne", "C", 5.4, ("HH", "HV", "VH", "VV"), 8.0, 1.0, (20.0, 41.0), -19.0, "uint16_dn"),
     "L2": Sensor("ALOS-2 PALSAR-2 SM3", "spaceborne", "L", 1.2365, ("HH", "HV"), 10.0, 2.0, (30.0, 44.0), -26.0, "uint16_dn"),
     "X1": Sensor("TerraSAR-X spotlight", "spaceborne", "X", 9.65, ("HH", "VV"), 1.0, 1.0, (20.0, 45.0), -19.0, "float"),
@@ -54,7 +59,13 @@ SENSORS = {
     "AX": Sensor("airborne X-band", "airborne", "X", 9.6, ("HH", "HV", "VH", "VV"), 0.5, 1.0, (35.0, 60.0), -30.0, "float"),
     "AC": Sensor("airborne C-band", "airborne", "C", 5.3, ("HH", "HV", "VH", "VV"), 0.5, 1.0, (35.0, 60.0), -30.0, "float"),
 }
-DN_SCALE = 316.0  # amplitude -> DN for "uint16_dn" products: sigma0 of -10 dB ~ DN 100 (GF-3 HH median ~ 50)
+# Thermal noise removal. Sentinel-1 sigma0 as datasets and GEE's COPERNICUS/S1_GRD deliver it is denoised
+# with the product's noise LUT (ESA's IPF annotation; SNAP ThermalNoiseRemoval, then calibration), so
+# dark surfaces sit near their sigma0, not at the NESZ: S1 is the one noise-removed preset. ALOS-2 L1.5
+# and GF-3 DN products are calibrated without a noise term (sar_physics.md section 7); TerraSAR-X and
+# Capella annotate their noise (NEBN, noise polynomial) but deliver it unsubtracted, as modelled here;
+# the airborne presets' NESZ (-30 dB) lies below every class.
+DN_SCALE = SIM_DN_SCALE  # amplitude -> DN for "uint16_dn" products: sigma0 of -10 dB ~ DN 100 (GF-3 HH median ~ 50)
 
 # -----------------------------------------------------------------------------
 # 2. Backscatter: sigma0 (dB) per band, polarization and class at 35 degrees incidence, and the
@@ -253,64 +264,139 @@ def building_geometry(labels, heights, incidence_deg, spacing_m):
     return near_wall, layover & ~building, shadow & ~building
 
 
-def form_image(labels, heights, sensor, pol, representation, rng, region=None, incidence_deg=None,
-               spacing_m=None):
-    """Simulate one SAR tile. labels, heights: (H, W) from make_scene.
-
-    Returns image (C, H, W) float32 in the unit named by representation -- "db" (10 log10 intensity),
-    "intensity", "amplitude" (linear; DN / DN_SCALE for uint16_dn products), "real" / "imag" (one
-    component of the single-look complex image, C=1) or "complex" (re, im; C=2) -- and a dict with the
-    tile's incidence angle. The chain: sigma0(class, band, pol, incidence) + double bounce and layover
-    -> x Gamma(nu) texture -> + noise floor (NESZ) -> speckle: complex Gaussian (SLC) or Gamma with the
-    product's looks -> quantisation -> representation.
-    """
-    if pol not in sensor.polarizations:
-        raise ValueError(f"{sensor.name} has no {pol} channel (it has {sensor.polarizations})")
-    complex_out = representation in ("real", "imag", "complex")
-    if complex_out and sensor.looks != 1:
-        raise ValueError(f"{sensor.name} products have {sensor.looks} looks: no single-look complex image")
-    spacing = spacing_m or sensor.pixel_spacing_m
-    if incidence_deg is None:
-        incidence_deg = rng.uniform(*sensor.incidence_deg)
-    # mean backscatter, linear intensity
-    s0_db = sigma0_db(sensor.band, pol, labels, incidence_deg)
+def mean_backscatter(labels, geometry, band, pol, incidence_deg, region=None):
+    """Mean linear intensity (H, W) of one polarization before texture: sigma0 per class at the incidence
+    angle, wind on the coastal sea, double bounce at the near walls, layover, shadow.
+    geometry: (near_wall, layover, shadow) masks from building_geometry."""
+    near_wall, layover, shadow = geometry
+    s0_db = sigma0_db(band, pol, labels, incidence_deg)
     cross = is_cross_pol(pol)
     if region == "C" and not cross:
         s0_db = np.where(labels == WATER, s0_db + WIND_WATER_DB, s0_db)
-    near_wall, layover, shadow = building_geometry(labels, heights, incidence_deg, spacing)
     s0_db = s0_db + near_wall * DOUBLE_BOUNCE_DB["cross" if cross else "co"]
     mean = 10.0 ** (s0_db / 10.0)
-    building_sigma = 10.0 ** (SIGMA0_DB[sensor.band][pol][BUILDING] / 10.0)
+    building_sigma = 10.0 ** (SIGMA0_DB[band][pol][BUILDING] / 10.0)
     mean = np.where(layover, mean + building_sigma, mean)           # roof/wall returns fold onto the ground
-    mean = np.where(shadow, 0.0, mean)                              # no illumination: noise floor only
-    # texture (K-distribution for heterogeneous classes)
+    return np.where(shadow, 0.0, mean)                              # no illumination: thermal noise only
+
+
+def gamma_texture(labels, rng):
+    """Unit-mean texture (H, W): Gamma(nu, 1/nu) on the classes with a TEXTURE_NU, 1 elsewhere; times the
+    speckle it gives K-distributed intensity. One field per scene, shared by all its polarizations."""
+    texture = np.ones(labels.shape)
     for cls, nu in enumerate(TEXTURE_NU):
         if nu is not None:
             sel = labels == cls
-            mean[sel] *= rng.gamma(nu, 1.0 / nu, size=int(sel.sum()))
-    mean = mean + 10.0 ** (sensor.nesz_db / 10.0)                   # thermal noise power adds
-    # speckle
-    if complex_out:
-        re, im = rng.standard_normal((2, *labels.shape)) * np.sqrt(mean / 2.0)
-        intensity = re**2 + im**2
-    else:
-        intensity = mean * rng.gamma(sensor.looks, 1.0 / sensor.looks, size=labels.shape)
-    # quantisation of the delivered product
-    if sensor.product == "uint16_dn":
-        q = lambda a: np.clip(np.round(a * DN_SCALE), -32768 if complex_out else 0, 65535) / DN_SCALE  # noqa: E731
-        if complex_out:
-            re, im = q(re), q(im)
-            intensity = re**2 + im**2
-        else:
-            intensity = q(np.sqrt(intensity)) ** 2
-    image = {
+            texture[sel] = rng.gamma(nu, 1.0 / nu, size=int(sel.sum()))
+    return texture
+
+
+NOISE_REMOVAL_FLOOR = 1e-5  # linear intensity (-50 dB, the dB floor below) given to pixels that noise removal makes <= 0
+
+
+def remove_thermal_noise(intensity, nesz):
+    """Thermal noise removal of a detected product: intensity - nesz (the noise's expected power, linear),
+    floored at NOISE_REMOVAL_FLOOR, as ESA's Sentinel-1 denoising does (SNAP's ThermalNoiseRemoval sets
+    negative DN^2 - noise to a tiny floor value). It removes the noise's mean, not its fluctuation: over a
+    dark surface many pixels come out negative and are floored, which leaves a positive bias
+    (noise_removed_mean), and the ENL of a homogeneous area drops to L (sigma0 / (sigma0 + NESZ))^2."""
+    return np.maximum(intensity - nesz, NOISE_REMOVAL_FLOOR)
+
+
+def gamma_cdf(a, x):
+    """P(Gamma(a, 1) <= x), the regularized lower incomplete gamma function, by its power series."""
+    if x <= 0:
+        return 0.0
+    term = total = 1.0 / a
+    k = 1
+    while term > 1e-17 * total:
+        term *= x / (a + k)
+        total += term
+        k += 1
+    return total * math.exp(a * math.log(x) - x - math.lgamma(a))
+
+
+def noise_removed_mean(sigma0, nesz, looks, floor=NOISE_REMOVAL_FLOOR):
+    """Expected value of a noise-removed L-look pixel over a homogeneous area, linear units:
+    E[max(I - nesz, floor)] with I ~ Gamma(L, mean sigma0 + nesz). Above sigma0 by the clipped negative
+    part: +1 % for C-band water VV (-20 dB) but +32 % (+1.2 dB) for water VH (-27 dB) at NESZ -22 dB."""
+    mu, t = sigma0 + nesz, nesz + floor
+    x = looks * t / mu                                              # t in units of the Gamma's scale mu / L
+    return mu * (1 - gamma_cdf(looks + 1, x)) - nesz * (1 - gamma_cdf(looks, x)) + floor * gamma_cdf(looks, x)
+
+
+REPRESENTATIONS = {
+    "db": "10 log10 of the calibrated intensity, floored at -50 dB",
+    "intensity": "calibrated linear intensity (sigma0 with speckle)",
+    "amplitude": "calibrated linear amplitude sqrt(intensity) (DN / DN_SCALE for uint16_dn products)",
+    "dn": "uncalibrated amplitude digital numbers of a uint16_dn product: amplitude = DN / DN_SCALE",
+    "real": "real part of the single-look complex image (C = 1)",
+    "imag": "imaginary part of the single-look complex image (C = 1)",
+    "complex": "single-look complex image as (re, im) (C = 2)",
+}
+DETECTED = ("db", "intensity", "amplitude", "dn")  # the representations of a detected (magnitude) product
+
+
+def form_channel(mean, sensor, representation, rng):
+    """One polarization channel from its textured mean intensity (H, W) -> (1 or 2, H, W) float64:
+    + thermal noise -> speckle -> noise removal -> quantisation -> representation."""
+    noise = 10.0 ** (sensor.nesz_db / 10.0)
+    mean = mean + noise                                             # thermal noise power adds
+    dn_product = sensor.product == "uint16_dn"
+    if representation in ("real", "imag", "complex"):               # SLC: circular complex Gaussian
+        re, im = rng.standard_normal((2, *mean.shape)) * np.sqrt(mean / 2.0)
+        if dn_product:                                              # int16 (re, im) digital numbers
+            re, im = (np.clip(np.round(c * DN_SCALE), -32768, 65535) / DN_SCALE for c in (re, im))
+        return {"real": re[None], "imag": im[None], "complex": np.stack([re, im])}[representation]
+    intensity = mean * rng.gamma(sensor.looks, 1.0 / sensor.looks, size=mean.shape)   # L-look speckle
+    if sensor.noise_removed:
+        intensity = remove_thermal_noise(intensity, noise)
+    if dn_product:                                                  # uint16 amplitude digital numbers
+        dn = np.clip(np.round(np.sqrt(intensity) * DN_SCALE), 0, 65535)
+        intensity = (dn / DN_SCALE) ** 2
+    if representation == "dn":
+        return dn[None]
+    return {
         "db": lambda: 10.0 * np.log10(np.maximum(intensity, 1e-5))[None],   # floor at -50 dB (DN 0)
         "intensity": lambda: intensity[None],
         "amplitude": lambda: np.sqrt(intensity)[None],
-        "real": lambda: re[None],
-        "imag": lambda: im[None],
-        "complex": lambda: np.stack([re, im]),
     }[representation]()
+
+
+def form_image(labels, heights, sensor, pol, representation, rng, region=None, incidence_deg=None,
+               spacing_m=None):
+    """Simulate one SAR tile. labels, heights: (H, W) from make_scene; pol: one polarization ("VV") or
+    a tuple of them (("VV", "VH"): a multi-polarization product, channels in that order).
+
+    Returns image (C, H, W) float32 in the unit named by representation (see REPRESENTATIONS; C = the
+    number of polarizations, or 2 for "complex") and a dict with the tile's incidence angle. The chain:
+    sigma0(class, band, pol, incidence) + double bounce and layover -> x Gamma(nu) texture -> + thermal
+    noise (NESZ) -> speckle: complex Gaussian (SLC) or Gamma with the product's looks -> noise removal
+    (noise-removed products: - NESZ, floored) -> quantisation (uint16 DN products) -> representation.
+    The channels of a multi-polarization product share scene, incidence, geometry and texture, and have
+    independent speckle: exact for a co- and a cross-polarized channel of a reflection-symmetric scene
+    (<S_co S_cross*> = 0: VV+VH, HH+HV); a simplification for HH and VV of a quad product, which are
+    partly correlated (and HV = VH by reciprocity).
+    """
+    pols = (pol,) if isinstance(pol, str) else tuple(pol)
+    for p in pols:
+        if p not in sensor.polarizations:
+            raise ValueError(f"{sensor.name} has no {p} channel (it has {sensor.polarizations})")
+    if representation not in REPRESENTATIONS:
+        raise ValueError(f"unknown representation {representation!r}: choose one of {list(REPRESENTATIONS)}")
+    if representation in ("real", "imag", "complex") and sensor.looks != 1:
+        raise ValueError(f"{sensor.name} products have {sensor.looks} looks: no single-look complex image")
+    if len(pols) > 1 and representation not in DETECTED:
+        raise ValueError(f"a multi-polarization product is detected ({DETECTED}), not {representation!r}")
+    if representation == "dn" and sensor.product != "uint16_dn":
+        raise ValueError(f"{sensor.name} products are calibrated floats, not DN: use 'amplitude'")
+    spacing = spacing_m or sensor.pixel_spacing_m
+    if incidence_deg is None:
+        incidence_deg = rng.uniform(*sensor.incidence_deg)
+    geometry = building_geometry(labels, heights, incidence_deg, spacing)
+    means = [mean_backscatter(labels, geometry, sensor.band, p, incidence_deg, region) for p in pols]
+    texture = gamma_texture(labels, rng)
+    image = np.concatenate([form_channel(mean * texture, sensor, representation, rng) for mean in means])
     return image.astype(np.float32), {"incidence_deg": round(float(incidence_deg), 3)}
 
 
@@ -322,34 +408,46 @@ def form_image(labels, heights, sensor, pol, representation, rng, region=None, i
 class Domain:
     region: str
     sensor: str
-    pol: str
+    pol: object                 # "VV", or a tuple ("VV", "VH") for a multi-polarization product (channel order)
     representation: str = "db"
     spacing_m: float = None     # resampled pixel spacing; None = the sensor's
+
+    def __post_init__(self):
+        if not isinstance(self.pol, str):
+            object.__setattr__(self, "pol", tuple(self.pol))    # a list would make the domain unhashable
+
+    @property
+    def pols(self):
+        """The polarizations, in channel order: ("VV",) or ("VV", "VH")."""
+        return (self.pol,) if isinstance(self.pol, str) else self.pol
 
     @property
     def name(self):
         spacing = f"@{self.spacing_m:g}m" if self.spacing_m else ""
-        return f"{self.region}-{self.sensor}-{self.pol}-{self.representation}{spacing}"
+        return f"{self.region}-{self.sensor}-{'+'.join(self.pols)}-{self.representation}{spacing}"
 
     def factors(self):
         """The five factors a gap can change."""
         s = SENSORS[self.sensor]
-        return {"region": self.region, "platform": s.platform, "band": s.band, "polarization": self.pol,
+        return {"region": self.region, "platform": s.platform, "band": s.band, "polarization": "+".join(self.pols),
                 "representation": self.representation}
 
     def meta(self):
         s = SENSORS[self.sensor]
         unit = self.representation
-        return {
+        meta = {
             "dataset": "synthetic", "domain": self.name, **self.factors(),
             "region_description": REGIONS[self.region]["description"],
             "sensor": s.name, "frequency_ghz": s.frequency_ghz, "wavelength_m": round(s.wavelength_m, 5),
-            "polarizations": [self.pol], "channels": ["re", "im"] if unit == "complex" else [self.pol],
+            "polarizations": list(self.pols), "channels": ["re", "im"] if unit == "complex" else list(self.pols),
             "unit": unit, "incidence_deg": list(s.incidence_deg),
             "pixel_spacing_m": self.spacing_m or s.pixel_spacing_m,
-            "looks": s.looks, "nesz_db": s.nesz_db, "product": s.product,
+            "looks": s.looks, "nesz_db": s.nesz_db, "noise_removed": s.noise_removed, "product": s.product,
             "class_names": list(CLASSES_7),
         }
+        if unit == "dn":
+            meta["dn_scale"] = DN_SCALE                             # calibrated amplitude = DN / dn_scale
+        return meta
 
 
 def D(region, sensor, pol, representation="db", spacing_m=None):
@@ -389,6 +487,13 @@ GAP_FACTORS = {
 }
 
 
+# Domains written beside the benchmarks' (prepare.py synthetic, suite.json "extra_domains"), in no benchmark.
+# N-S1-VV+VH-db: a dual-pol Sentinel-1 product (VV, VH in dB, as GRD IW 1SDV), so that a model trained on
+# the simulator reads a real dual-pol product directly; its scenes are those of N-S1-VV-db (same region
+# and pixel spacing), its VV channel the same physics with other speckle.
+EXTRA_DOMAINS = [D("N", "S1", ("VV", "VH"))]
+
+
 def suite_domains():
     """Every domain the 22 benchmarks use, each once, in a stable order."""
     seen = {}
@@ -417,10 +522,94 @@ def simulate_tile(domain, split, index, size, seed=0):
     return image, labels, info
 
 
+# Bump when simulate_tile's output for the same (seed, domain, split, index, size) changes: prepare.py
+# then regenerates splits of the older version instead of resuming with them.
+GENERATOR_VERSION = 1
+
+
+def split_meta(domain, split, size, seed=0):
+    """meta.json content (before SplitWriter adds its own keys) of a simulated split: the domain's sensor
+    description and the settings that generated it (generator version, seed, split, tile size in pixels)."""
+    provenance = {"generator": "nanosar.sim", "generator_version": GENERATOR_VERSION, "seed": seed, "split": split,
+                  "tile": size}
+    return {**domain.meta(), "provenance": provenance}
+
+
 def write_domain(out_dir, domain, split, n_tiles, size, seed=0):
     """Simulate n_tiles tiles of a domain into the split folder out_dir (nanosar.data format)."""
-    meta = {**domain.meta(), "provenance": {"generator": "nanosar.sim", "seed": seed, "split": split, "tile": size}}
+    meta = split_meta(domain, split, size, seed)
     with SplitWriter(out_dir, meta) as writer:
         for i in range(n_tiles):
             image, labels, info = simulate_tile(domain, split, i, size, seed)
             writer.add(image, labels, source=f"sim:{domain.name}:{split}:{i}", **info)
+
+
+# -----------------------------------------------------------------------------
+# 6. The descriptors the physics router sees, per sensor and domain (python -m nanosar.sim --descriptors)
+
+
+def homogeneous_enl(sensor_code, size=256, seed=0, cls=OTHER, incidence_deg=REFERENCE_INCIDENCE):
+    """ENL = mean^2 / var of the linear intensity of a size x size area of one untextured class seen by a
+    preset (first polarization), and the value physics expects: the product's looks, or for a
+    noise-removed product L (sigma0 / (sigma0 + NESZ))^2 (the subtraction keeps the noise's fluctuation)."""
+    sensor = SENSORS[sensor_code]
+    labels = np.full((size, size), cls, np.uint8)
+    pol = sensor.polarizations[0]
+    image, _ = form_image(labels, np.zeros(labels.shape), sensor, pol, "intensity", np.random.default_rng(seed),
+                          incidence_deg=incidence_deg)
+    intensity = image[0].astype(np.float64)
+    expected = sensor.looks
+    if sensor.noise_removed:
+        sigma0, nesz = 10 ** (sigma0_db(sensor.band, pol, cls, incidence_deg) / 10), 10 ** (sensor.nesz_db / 10)
+        expected = sensor.looks * (sigma0 / (sigma0 + nesz)) ** 2
+    return intensity.mean() ** 2 / intensity.var(), expected
+
+
+def domain_descriptors(domain, n_tiles=32, size=128, seed=0, roughness_block=16, split="test"):
+    """(n_tiles, 3) directional entropy (nats), ENL, local roughness of a domain's first n_tiles tiles of
+    `split`, as nanosar.model.sar_descriptors computes them on X' = log(1 + |x|) of the magnitude of
+    the tile in the domain's own unit (roughness over roughness_block x roughness_block blocks)."""
+    import torch
+
+    from nanosar.model import SARConfig, sar_descriptors
+
+    images = np.stack([simulate_tile(domain, split, i, size, seed)[0] for i in range(n_tiles)])   # (N, C, H, W)
+    cfg = SARConfig(img_size=size, in_chans=images.shape[1], input_unit=domain.representation,
+                    roughness_block=roughness_block)
+    return sar_descriptors(torch.from_numpy(images), cfg).numpy().astype(np.float64)
+
+
+def descriptor_table(n_tiles=32, size=128, seed=0, roughness_block=16):
+    """The simulator's descriptors against the physics, as markdown: (1) per sensor preset, the ENL of a
+    homogeneous area in linear intensity against the looks; (2) per domain of the suite (and the extra
+    domains), mean and 5-95 % range of the three descriptors over n_tiles test tiles of size x size."""
+    lines = ["| sensor | looks | ENL, homogeneous 256x256 'other' at 35 deg, linear intensity | expected |",
+             "|---|---|---|---|"]
+    for code, sensor in SENSORS.items():
+        enl, expected = homogeneous_enl(code)
+        note = " (noise-removed: L (s0 / (s0 + NESZ))^2)" if sensor.noise_removed else ""
+        lines.append(f"| {code} ({sensor.name}) | {sensor.looks:g} | {enl:.2f} | {expected:.2f}{note} |")
+    lines += ["", f"Descriptors on X' = log(1 + |x|), {n_tiles} test tiles of {size}x{size} per domain, roughness "
+              f"blocks of {roughness_block}: mean [5 %, 95 %]", "",
+              "| domain | sensor | unit | entropy (nats) | ENL | roughness |", "|---|---|---|---|---|---|"]
+    for domain in suite_domains() + EXTRA_DOMAINS:
+        d = domain_descriptors(domain, n_tiles, size, seed, roughness_block)
+        cells = [f"{m:.3g} [{lo:.3g}, {hi:.3g}]" for m, lo, hi in
+                 zip(d.mean(0), np.percentile(d, 5, axis=0), np.percentile(d, 95, axis=0))]
+        lines.append(f"| {domain.name} | {domain.sensor} | {domain.representation} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="nanosar's SAR simulator")
+    parser.add_argument("--descriptors", action="store_true",
+                        help="print the descriptor table (ENL against looks per sensor, descriptor ranges per domain)")
+    parser.add_argument("--tiles", type=int, default=32, help="tiles per domain")
+    parser.add_argument("--size", type=int, default=128, help="tile size in pixels")
+    parser.add_argument("--roughness-block", type=int, default=16, help="roughness block (SARConfig default 16)")
+    args = parser.parse_args()
+    if not args.descriptors:
+        parser.error("nothing to do: pass --descriptors")
+    print(descriptor_table(args.tiles, args.size, roughness_block=args.roughness_block))

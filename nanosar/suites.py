@@ -14,10 +14,8 @@ paper's mIoU (%) where the paper reports one.
   conquer997/CrossEarth-SAR-Benchmarks and are not reproduced here.
 """
 
-import json
-import os
 
-from nanosar.data import CLASSES_7
+from nanosar.data import CLASSES_7, check_suite_complete
 
 # paper's numbers (mIoU %, paper.md section 4; None = not recorded in the notes)
 PAPER_METHODS = ("DINOv2", "SARATR-X", "CrossEarth-SAR-L", "CrossEarth-SAR-L*")
@@ -73,11 +71,7 @@ PAPER_AVERAGES = {
 
 def synthetic(data_root):
     """The simulated suite written by `prepare.py synthetic --out data_root`."""
-    path = os.path.join(data_root, "suite.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: run python prepare.py synthetic --out {data_root}")
-    with open(path) as f:
-        suite = json.load(f)
+    suite = check_suite_complete(data_root)   # refuses a suite that an interrupted prepare.py left mixed
     return [dict(b, classes=list(CLASSES_7), status="synthetic", paper_miou={}) for b in suite["benchmarks"]]
 
 

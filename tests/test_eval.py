@@ -13,7 +13,7 @@ import tifffile
 import torch
 
 import eval as E
-from nanosar import sim
+from nanosar import checkpoint, sim
 from nanosar.metrics import confusion_matrix, segmentation_scores
 from nanosar.model import SARConfig, Segmenter
 
@@ -78,7 +78,8 @@ def test_region_by_region_equals_all_at_once_for_a_real_model():
 def save_checkpoint(path, cfg, data):
     torch.manual_seed(0)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    torch.save({"model": Segmenter(cfg).state_dict(), "model_args": asdict(cfg), "config": {"data": data}}, path)
+    state = {"model": Segmenter(cfg).state_dict(), "model_args": asdict(cfg), "config": {"data": data}}
+    checkpoint.save_checkpoint(path, state)
 
 
 TINY = dict(input_unit="db", channels=("HH",), class_names=tuple(sim.CLASSES_7))
@@ -101,7 +102,8 @@ def suite_root(tmp_path_factory):
 def test_suite_writes_tables_in_the_paper_layout(suite_root, tmp_path):
     ckpts = tmp_path / "ckpts"
     save_checkpoint(str(ckpts / "N-G3-HH-db" / "ckpt.pt"), SARConfig.preset("tiny", **TINY), "x/N-G3-HH-db")
-    E.main(["--suite", "synthetic", "--data", str(suite_root), "--ckpt", f"physics={ckpts}", "--out", str(tmp_path)])
+    E.main(["--suite", "synthetic", "--data", str(suite_root), "--ckpt", f"physics={ckpts}", "--out", str(tmp_path),
+            "--which", "last"])
     md = (tmp_path / "synthetic.md").read_text()
     results = json.loads((tmp_path / "synthetic.json").read_text())["results"]["physics"]
     assert set(results) == {"N2S", "N2A", "HH2VV", "HH2HV", "NC2AX"}
@@ -233,3 +235,90 @@ def test_sliding_window_evaluation_with_one_window_per_tile_equals_whole_tiles(s
     whole = E.evaluate_split(model, split, "cpu", batch=3)
     slid = E.evaluate_split(model, split, "cpu", batch=3, window=64, stride=48)
     assert slid["iou"] == pytest.approx(whole["iou"], nan_ok=True) and slid["accuracy"] == whole["accuracy"]
+
+
+def test_run_folders_give_the_best_checkpoint_unless_told_otherwise(suite_root, tmp_path, capsys):
+    ckpts = tmp_path / "ckpts"
+    save_checkpoint(str(ckpts / "N-G3-HH-db" / "ckpt.pt"), SARConfig.preset("tiny", **TINY), "x/N-G3-HH-db")
+    args = ["--suite", "synthetic", "--data", str(suite_root), "--ckpt", f"physics={ckpts}", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):                                  # only ckpt.pt: say how to use it
+        E.main(args)
+    assert "best.pt not found but ckpt.pt is there" in capsys.readouterr().err
+    save_checkpoint(str(ckpts / "N-G3-HH-db" / "best.pt"), SARConfig.preset("tiny", **TINY), "x/N-G3-HH-db")
+    E.main(args)
+    results = json.loads((tmp_path / "synthetic.json").read_text())["results"]["physics"]
+    assert all(r["checkpoint"].endswith("best.pt") for r in results.values())
+
+
+def test_predict_refuses_to_overwrite_its_input_or_write_into_a_folder(tmp_path, tiny_ckpt, capsys):
+    scene = tmp_path / "scene.tif"
+    write_scene(str(scene), np.full((64, 64), -12.0, np.float32))
+    link = tmp_path / "link.tif"
+    os.symlink(scene, link)
+    before = scene.read_bytes()
+    for out, message in [(scene, "is the input"), (link, "is the input"), (tmp_path, "is a directory"),
+                         (tmp_path / "missing" / "m.tif", "does not exist")]:
+        with pytest.raises(SystemExit) as exit_info:
+            E.main(["--predict", str(scene), "--ckpt", tiny_ckpt, "--out", str(out), "--unit", "db"])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert scene.read_bytes() == before
+
+
+def test_predict_refuses_values_implausible_for_db(tmp_path, tiny_ckpt, capsys):
+    digital_numbers = tmp_path / "dn.tif"
+    write_scene(str(digital_numbers), np.full((64, 64), 200, np.uint8))
+    amplitude = tmp_path / "amplitude.tif"
+    write_scene(str(amplitude), np.full((64, 64), 3000.0, np.float32))
+    for scene, message in [(digital_numbers, "integer values (uint8) declared as dB"),
+                           (amplitude, "values up to 3000 declared as dB")]:
+        with pytest.raises(SystemExit):
+            E.main(["--predict", str(scene), "--ckpt", tiny_ckpt, "--out", str(tmp_path / "m.tif")])
+        err = capsys.readouterr().err
+        assert message in err and "--unit" in err, err
+    assert not (tmp_path / "m.tif").exists()
+
+
+def test_pad_to_window_mirrors_the_image():
+    part = torch.arange(6.0).view(1, 2, 3)
+    padded = E.pad_to_window(part, 5)
+    assert padded.shape == (1, 5, 5) and torch.equal(padded[:, :2, :3], part)
+    assert padded[0, :, 3].tolist() == [2.0, 5.0, 5.0, 2.0, 2.0] and padded[0, 2].tolist() == [3, 4, 5, 5, 4]
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tmp_path_factory):
+    """The tiny preset trained on a 64x64 source domain (200 steps of 16 tiles)."""
+    root = tmp_path_factory.mktemp("trained")
+    sim.write_domain(str(root / "N-G3-HH-db" / "train"), sim.D("N", "G3", "HH"), "train", 256, 64)
+    sim.write_domain(str(root / "N-G3-HH-db" / "test"), sim.D("N", "G3", "HH"), "test", 8, 64)
+    cmd = [sys.executable, "train.py", f"--data={root / 'N-G3-HH-db'}", f"--out_dir={root / 'run'}", "--max_iters=200",
+           "--batch_size=16", "--learning_rate=2e-3", "--warmup_iters=10", "--eval_interval=0", "--log_interval=100"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return str(root / "run" / "ckpt.pt"), str(root / "N-G3-HH-db" / "test")
+
+
+def test_a_scene_smaller_than_the_window_is_predicted_as_in_context(trained_ckpt):
+    """A 24x24 crop predicted alone (mirrored into the 64x64 window) agrees with the prediction of those
+    pixels inside their whole tile far better than the crop zero-padded, as the scene predictor did."""
+    path, test_split = trained_ckpt
+    model, _ = E.load_model(path, "cpu")
+    split = E.Split(test_split)
+    images, _ = E.load_batch(split, range(len(split)))
+    agree_mirror, agree_zero = [], []
+    with torch.no_grad():
+        in_context = model(images).logits.argmax(1)                           # (B, 64, 64)
+        for image, context in zip(images, in_context):
+            for y, x in ((0, 0), (20, 30), (40, 40)):
+                crop = image[:, y:y + 24, x:x + 24]
+                read = lambda y0, y1, x0, x1, crop=crop: crop[:, y0:y1, x0:x1]  # noqa: E731
+                alone = E.sliding_window_logits(lambda t: model(t).logits, read, (24, 24), (0, 24, 0, 24), 64, 48)
+                zero = torch.zeros(1, 1, 64, 64)
+                zero[0, :, :24, :24] = crop
+                zero = model(zero).logits[0, :, :24, :24]
+                truth = context[y:y + 24, x:x + 24]
+                agree_mirror.append((alone.argmax(0) == truth).float().mean().item())
+                agree_zero.append((zero.argmax(0) == truth).float().mean().item())
+    mirror, zero = np.mean(agree_mirror), np.mean(agree_zero)
+    print(f"agreement with the in-context prediction: mirrored {mirror:.3f}, zero-padded {zero:.3f}")
+    assert mirror > zero + 0.1

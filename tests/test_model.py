@@ -3,26 +3,33 @@
 import math
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from nanosar.model import (
     PRESETS,
-    MoEFFN,
     Mlp,
+    MoEFFN,
     SARConfig,
     Segmenter,
     adapt_patch_embed,
+    balance_loss_over_blocks,
+    check_finite,
     directional_entropy,
     dispatch_grouped,
     dispatch_loop,
     equivalent_number_of_looks,
+    gating,
+    grouped_expert_ffn,
     local_roughness,
+    permute,
     resize_pos_embed,
     route,
     sar_descriptors,
     sar_magnitude,
+    switch_balance_loss,
     upcycle_from_dinov2,
 )
 
@@ -200,6 +207,70 @@ def test_z_loss_golden():
     assert route(torch.zeros(10, 6), 1).z_loss.item() == pytest.approx(math.log(6) ** 2, rel=1e-6)
 
 
+def test_balance_loss_from_outputs_equals_the_models_and_trains_the_router():
+    """train.py's DDP recipe on one process: balance_loss_over_blocks(expert_load, router_prob) = balance_loss."""
+    torch.manual_seed(0)
+    cfg = SARConfig.preset("tiny", top_k=2, moe_dispatch="grouped")
+    model = Segmenter(cfg)
+    out = model(torch.randn(2, 1, 64, 64) * 3 - 12)
+    assert out.router_prob.shape == (cfg.depth, cfg.n_experts) and out.router_prob.dtype == torch.float32
+    torch.testing.assert_close(out.router_prob.sum(dim=1), torch.ones(cfg.depth))  # mean of softmax rows
+    loss = balance_loss_over_blocks(out.expert_load, out.router_prob)
+    torch.testing.assert_close(loss, out.balance_loss)
+    router = model.backbone.blocks[1].mlp.router.linear.weight
+    (grad,) = torch.autograd.grad(loss, router, retain_graph=True)
+    (expected,) = torch.autograd.grad(out.balance_loss, router)
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(grad, expected)
+    dense = Segmenter(SARConfig.preset("tiny", n_experts=1))(torch.randn(1, 1, 64, 64))
+    assert dense.router_prob.shape == (0, 1)
+    assert balance_loss_over_blocks(dense.expert_load, dense.router_prob).item() == 0.0
+
+
+def test_switch_balance_loss_is_batched_over_blocks():
+    g = torch.Generator().manual_seed(0)
+    counts = torch.randint(0, 50, (4, 6), generator=g)
+    mean_prob = torch.rand(4, 6, generator=g).softmax(dim=1)
+    per_block = torch.stack([switch_balance_loss(c, p) for c, p in zip(counts, mean_prob)])
+    torch.testing.assert_close(switch_balance_loss(counts, mean_prob), per_block)
+    torch.testing.assert_close(balance_loss_over_blocks(counts, mean_prob), per_block.mean())
+    uniform = torch.full((3, 6), 10), torch.full((3, 6), 1 / 6)
+    assert balance_loss_over_blocks(*uniform).item() == pytest.approx(1.0)
+
+
+def test_forward_issues_no_collective(monkeypatch):
+    """Counts are all-reduced by the training script, never inside the forward (DDP evaluation hung on it)."""
+    import torch.distributed as dist
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the model's forward called a torch.distributed collective")
+
+    for name in ("all_reduce", "all_gather", "broadcast", "reduce"):
+        monkeypatch.setattr(dist, name, forbidden)
+    model = Segmenter(SARConfig.preset("tiny", top_k=2))
+    assert not hasattr(model.backbone.blocks[0].mlp, "count_group")
+    out = model(torch.randn(1, 1, 64, 64))
+    (out.logits.mean() + out.aux_loss).backward()
+
+
+def test_reference_gating_non_finite_rule():
+    """The documented rule (the kernels are held to it in test_ops.py): stable descending order with NaN
+    counted as +inf, ids always valid, NaN surfaces in gates, mean_prob and z-loss instead of being masked."""
+    inf, nan = float("inf"), float("nan")
+    idx, gates, counts, mean_prob, z = gating(torch.tensor([[0.0, -inf, -inf]]), 2)
+    assert idx.tolist() == [[0, 1]] and gates.tolist() == [[1.0, 0.0]] and counts.tolist() == [1, 1, 0]
+    assert torch.isfinite(mean_prob).all() and torch.isfinite(z)
+    idx, gates, counts, mean_prob, z = gating(torch.tensor([[1.0, nan, 3.0, nan], [1.0, inf, -inf, 2.0]]), 2)
+    assert idx.tolist() == [[1, 3], [1, 3]] and counts.tolist() == [0, 2, 0, 2]
+    assert gates.isnan().all() and mean_prob.isnan().all() and z.isnan()
+    idx, gates, counts, _, z = gating(torch.tensor([[-inf, -inf, -inf]]), 2)
+    assert idx.tolist() == [[0, 1]] and gates.isnan().all() and z.item() == inf  # logsumexp = -inf
+    idx, gates, _, _, z = gating(torch.tensor([[1.0, inf, 0.0]]), 1)
+    assert idx.tolist() == [[1]] and gates.isnan().all() and z.item() == inf
+    nan_of_both_signs = torch.tensor([[2.0, nan, inf, -nan]])
+    assert gating(nan_of_both_signs, 3)[0].tolist() == [[1, 2, 3]]   # NaN = +inf, ties by id, sign ignored
+
+
 def random_experts(E, D, Dh, dtype=torch.float64):
     g = torch.Generator().manual_seed(E)
     return [(torch.randn(*shape, generator=g, dtype=dtype) * 0.3).requires_grad_()
@@ -227,6 +298,27 @@ def test_grouped_dispatch_equals_loop(E, k, T):
         torch.testing.assert_close(a, b)
     if E > T:
         assert (r.tokens_per_expert == 0).any()
+
+
+@pytest.mark.parametrize("E, k, T", [(6, 1, 33), (6, 2, 40), (16, 2, 5)])
+def test_grouped_mm_path_equals_slices(E, k, T):
+    """torch._grouped_mm with biases by one-hot matmul (GPU path, run on CPU in float32) = per-expert slices."""
+    torch.manual_seed(0)
+    D, Dh = 8, 16                                              # rows of 16-byte multiples, as _grouped_mm needs
+    x = torch.randn(T, D, requires_grad=True)
+    expert_idx = route(torch.randn(T, E), k).expert_idx
+    weights = [w.detach().float().requires_grad_() for w in random_experts(E, D, Dh)]
+    outputs, grads = [], []
+    for use_grouped_mm in (False, True):
+        x_sorted, order, counts = permute(x, expert_idx, E)
+        expert_of_row = expert_idx.reshape(-1)[order]
+        y = grouped_expert_ffn(x_sorted, expert_of_row, counts, *weights, use_grouped_mm=use_grouped_mm)
+        outputs.append(y)
+        grads.append(torch.autograd.grad((y * torch.linspace(-1, 1, D)).sum(), [x, *weights]))
+    torch.testing.assert_close(outputs[1], outputs[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a)
+    assert (counts == 0).any() or E <= T                      # (16, 2, 5): experts without rows
 
 
 def test_dispatch_golden_value():
@@ -323,6 +415,14 @@ def test_local_roughness_golden_values():
     blocks = torch.where(torch.rand(1, 4, 4) > 0.5, 4.0, 0.25)                     # one level per 16x16 block
     patchy = speckle * blocks.repeat_interleave(16, 1).repeat_interleave(16, 2)
     assert local_roughness(patchy, 16).item() > 10 * local_roughness(speckle, 16).item()
+
+
+def test_directional_entropy_of_a_non_finite_pixel_is_nan_not_a_bad_index():
+    img = torch.rand(2, 32, 32)
+    img[0, 5, 7] = float("nan")                                # NaN.long() would be a garbage bin index
+    img[1, 9, 9] = float("inf")
+    h = directional_entropy(img, 18)
+    assert h.isnan().all()
 
 
 def test_sar_descriptors_batched_and_per_image():
@@ -467,10 +567,33 @@ def test_bad_input_gives_clear_errors():
         model(torch.zeros(1, 1, 64, 64))
     with pytest.raises(ValueError, match="multiple of the patch size 8"):
         model(torch.zeros(1, 2, 60, 64))
-    x = torch.zeros(1, 2, 64, 64)
-    x[0, 1, 3, 3] = float("nan")
-    x[0, 0, 0, 0] = float("inf")
-    with pytest.raises(ValueError, match="2 NaN or infinite"):
-        model(x)
     with pytest.raises(ValueError, match="roughness blocks"):
         model(torch.zeros(1, 2, 8, 8))
+
+
+def test_check_finite_names_the_source():
+    x = torch.zeros(1, 2, 64, 64)
+    assert check_finite(x, "scene.tif") is x
+    x[0, 1, 3, 3] = float("nan")
+    x[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"scene\.tif: 2 NaN or infinite values of 8192"):
+        check_finite(x, "scene.tif")
+    with pytest.raises(ValueError, match=r"tile 3: 1 NaN"):
+        check_finite(np.array([[0.0, np.nan]], dtype=np.float32), "tile 3")
+
+
+@pytest.mark.parametrize("dispatch", ["loop", "grouped", "auto"])
+def test_non_finite_pixels_give_nan_outputs_not_a_crash(dispatch):
+    """The model does not check values (no sync per forward): a NaN pixel surfaces as NaN in that image's
+    descriptors and logits and in the losses; an inf from 10^(x/10) overflow does the same. No crash."""
+    torch.manual_seed(0)
+    model = Segmenter(SARConfig.preset("tiny", top_k=2, moe_dispatch=dispatch)).eval()
+    x = torch.randn(3, 1, 64, 64) * 3 - 12                    # sigma0 in dB
+    x[0, 0, 10, 20] = float("nan")
+    x[1, 0, 30, 30] = 1000.0                                   # 10^100: inf in float32
+    with torch.no_grad():
+        out = model(x)
+    assert out.descriptors[:2].isnan().all() and torch.isfinite(out.descriptors[2]).all()
+    assert out.logits[:2].isnan().any() and torch.isfinite(out.logits[2]).all()
+    assert out.aux_loss.isnan()                                # the training script's non-finite check fires
+    assert (out.expert_load.sum(dim=1) == 3 * 65 * 2).all()     # every token routed to valid experts

@@ -6,6 +6,8 @@ that NANOSAR_REQUIRE_EXT=1 (set by CI) turns a missing extension into a failure.
 """
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -43,13 +45,46 @@ def make_logits(T, E, ties, dtype=torch.float32, device="cpu", seed=0):
 
 
 def assert_gating_equal(ref, ker, rtol=1e-5, atol=1e-6):
+    """Same ids and counts, close gates, mean_prob and z-loss, with NaN and inf at the same places."""
     (ref_idx, ref_gates, ref_counts, ref_mp, ref_z), (idx, gates, counts, mp, z) = ref, ker
     assert torch.equal(idx, ref_idx)
     assert torch.equal(counts, ref_counts)
     assert gates.dtype == ref_gates.dtype and mp.dtype == ref_mp.dtype
-    torch.testing.assert_close(gates, ref_gates, rtol=rtol, atol=atol)
-    torch.testing.assert_close(mp, ref_mp, rtol=rtol, atol=atol)
-    torch.testing.assert_close(z, ref_z, rtol=rtol, atol=atol)
+    torch.testing.assert_close(gates, ref_gates, rtol=rtol, atol=atol, equal_nan=True)
+    torch.testing.assert_close(mp, ref_mp, rtol=rtol, atol=atol, equal_nan=True)
+    torch.testing.assert_close(z, ref_z, rtol=rtol, atol=atol, equal_nan=True)
+
+
+INF, NAN = float("inf"), float("nan")
+# rows the routing rule of model.gating covers (finite rows around them: their values must stay finite)
+EDGE_ROWS = {
+    "minus_inf": [[0.5, -INF, 1.0, -INF, 0.2, -1.0]],
+    "fewer_finite_than_k": [[0.0, -INF, -INF, -INF, -INF, -INF], [-INF, -INF, -INF, 2.0, -INF, -INF]],
+    "all_minus_inf": [[-INF] * 6],
+    "nan": [[0.1, NAN, 0.3, NAN, 2.0, 0.0], [NAN] * 6],
+    "plus_inf": [[0.0, INF, 1.0, INF, -INF, 3.0]],
+    "nan_and_inf": [[INF, NAN, 0.0, -INF, -NAN, 1.0]],  # NaN ties with +inf, whatever its sign bit
+}
+
+
+def edge_logits(case, dtype=torch.float32, device="cpu"):
+    """(T, 6) logits: random finite rows with the case's rows in between (and tied rows)."""
+    finite = make_logits(9, 6, ties=False, dtype=torch.float64)
+    finite[4] = torch.tensor([1.0, 1.0, -2.0, 1.0, 0.0, 0.0])                # ties
+    rows = torch.tensor(EDGE_ROWS[case], dtype=torch.float64)
+    return torch.cat([finite[:3], rows, finite[3:]]).to(dtype=dtype, device=device)
+
+
+def gating_and_gradient(gating, logits, k):
+    """gating's outputs and d(loss)/d(logits) for a loss that uses gates, mean_prob and the z-loss."""
+    leaf = logits.detach().clone().requires_grad_()
+    outputs = gating(leaf, k)
+    _, gates, _, mean_prob, z_loss = outputs
+    g = torch.Generator().manual_seed(1)
+    w_gates = torch.randn(gates.shape, generator=g, dtype=torch.float64).to(gates)
+    w_prob = torch.randn(mean_prob.shape, generator=g, dtype=torch.float64).to(mean_prob)
+    ((gates * w_gates).sum() + (mean_prob * w_prob).sum() + 0.3 * z_loss).backward()
+    return [t.detach() for t in outputs], leaf.grad
 
 
 # -----------------------------------------------------------------------------
@@ -64,6 +99,44 @@ def test_gating_cpu_matches_reference(T, E, k, ties):
     assert_gating_equal(M.gating(logits, k), moe_ops.gating(logits, k))
     if ties and E > 2:  # the case really has rows whose largest logit is shared by several experts
         assert ((logits == logits.max(dim=1, keepdim=True).values).sum(dim=1) > 1).any()
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("case", list(EDGE_ROWS))
+def test_gating_cpu_non_finite_rows_match_reference(case, k, dtype):
+    """-inf entries, k above the number of finite logits, all -inf, NaN, +inf: same ids, counts, values
+    (NaN where the reference has NaN) and gradients, and the finite rows unaffected."""
+    logits = edge_logits(case, dtype)
+    (ref, ref_grad), (ker, ker_grad) = (gating_and_gradient(g, logits, k) for g in (M.gating, moe_ops.gating))
+    assert_gating_equal(ref, ker)
+    torch.testing.assert_close(ker_grad, ref_grad, rtol=1e-4, atol=1e-6, equal_nan=True)
+    idx, gates = ker[:2]
+    assert ((idx >= 0) & (idx < 6)).all() and (idx.sort(dim=1).values.diff(dim=1) > 0).all()  # k distinct ids
+    # rows without NaN or +inf and with a finite logit (-inf entries allowed): finite values and gradients
+    regular = (~logits.isnan() & (logits < INF)).all(dim=1) & (logits > -INF).any(dim=1)
+    assert torch.isfinite(gates[regular]).all() and torch.isfinite(ker_grad[regular]).all()
+    assert (ker_grad[regular][logits[regular] == -INF] == 0).all()  # probability 0, gradient 0
+    if case == "fewer_finite_than_k" and k > 1:  # [0, -inf, ...] -> experts 0, 1, ... with gates 1, 0, ...
+        assert idx[3].tolist() == list(range(k)) and gates[3].tolist() == [1.0] + [0.0] * (k - 1)
+    if case == "nan_and_inf":
+        assert idx[3].tolist() == [0, 1, 4][:k]
+    if case in ("all_minus_inf", "nan", "plus_inf", "nan_and_inf"):  # surfaced, not masked
+        assert gates[3].isnan().all() and ker[3].isnan().all() and not torch.isfinite(ker[4])
+
+
+@needs_ext
+def test_gating_cpu_random_non_finite_logits_keep_valid_ids():
+    logits = make_logits(2000, 16, ties=True)
+    g = torch.Generator().manual_seed(3)
+    special = torch.tensor([NAN, -NAN, INF, -INF])[torch.randint(0, 4, logits.shape, generator=g)]
+    logits = torch.where(torch.rand(logits.shape, generator=g) < 0.2, special, logits)
+    ref, ker = M.gating(logits, 2), moe_ops.gating(logits, 2)
+    assert_gating_equal(ref, ker)
+    idx, counts = ker[0], ker[2]
+    assert ((idx >= 0) & (idx < 16)).all()
+    assert torch.equal(counts, torch.bincount(idx.flatten(), minlength=16))
 
 
 @needs_ext
@@ -181,6 +254,88 @@ def test_cpu_results_do_not_depend_on_the_thread_count():
 
 
 @needs_ext
+@pytest.mark.parametrize("bad", [-1, 6, 2**40, -(2**62)])
+def test_combine_rejects_an_order_out_of_range(bad):
+    T, k, D = 3, 2, 4
+    out, gates, grad_y = torch.randn(T * k, D), torch.rand(T, k), torch.randn(T, D)
+    order = torch.tensor([0, 1, 2, 3, 4, bad])
+    with pytest.raises(RuntimeError, match=rf"order holds index {bad} outside \[0, T\*k=6\)"):
+        moe_ops.combine(out, gates, order)
+    with pytest.raises(RuntimeError, match="outside"):
+        EXT.combine_backward(grad_y, out, gates, order)
+    with pytest.raises(RuntimeError, match="not a permutation: index 4"):
+        moe_ops.combine(out, gates, torch.tensor([0, 1, 2, 3, 4, 4]))
+
+
+@needs_ext
+def test_bad_indices_do_not_crash_the_process():
+    """The calls that used to segfault (exit 139), in a subprocess: now a RuntimeError and exit 0."""
+    script = """
+import torch
+from nanosar import moe_ops
+ext = moe_ops.load_extension()
+calls = [
+    lambda: ext.combine_forward(torch.randn(4, 8), torch.ones(2, 2), torch.tensor([0, 1, 2, 1 << 40])),
+    lambda: ext.combine_forward(torch.randn(4, 8), torch.ones(2, 2), torch.tensor([-5, 1, 2, 3]), check_order=False),
+    lambda: ext.combine_backward(torch.randn(2, 8), torch.randn(4, 8), torch.ones(2, 2), torch.tensor([0, 9, 2, 3])),
+    lambda: ext.permute_forward(torch.randn(2, 8), torch.tensor([[0, 1 << 40], [1, 0]]), 3),
+    lambda: ext.gating_backward(torch.randn(2, 3), torch.tensor([[0], [-7]]), torch.ones(2, 1), torch.ones(2, 1),
+                                torch.ones(3), torch.ones(())),
+]
+for call in calls:
+    try:
+        call()
+        print("no error")
+    except RuntimeError as e:
+        print("RuntimeError:", str(e).splitlines()[0])
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=root, timeout=120,
+                            check=False)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) == 5 and all(line.startswith("RuntimeError:") for line in lines), result.stdout
+    assert "outside" in lines[0] and "outside" in lines[3] and "expert id -7" in lines[4]
+
+
+@needs_ext
+@pytest.mark.parametrize("bad", [-1, 6, 2**40])
+def test_permute_rejects_expert_ids_out_of_range(bad):
+    with pytest.raises(RuntimeError, match=rf"expert id {bad} outside \[0, 6\)"):
+        moe_ops.permute(torch.randn(3, 4), torch.tensor([[0, 1], [2, bad], [5, 0]]), 6)
+
+
+@needs_ext
+def test_auto_falls_back_beyond_the_kernel_limits_with_one_log_line(monkeypatch, capsys):
+    monkeypatch.setattr(moe_ops, "_logged", set())
+    x = torch.zeros(1)
+    k = EXT.max_top_k + 1
+    for _ in range(3):
+        assert M.moe_functions("auto", x, n_experts=k + 1, top_k=k) == (M.gating, M.dispatch_grouped)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "pure-PyTorch reference" in line]
+    assert len(lines) == 1 and f"top_k={k} is above the kernels' limit of {EXT.max_top_k}" in lines[0]
+    with pytest.raises(RuntimeError, match=f"moe_dispatch='kernels' but top_k={k}"):
+        M.moe_functions("kernels", x, n_experts=k + 1, top_k=k)
+    assert M.moe_functions("auto", x, n_experts=k + 1, top_k=2)[0] is moe_ops.gating  # within the limits
+
+
+@needs_ext
+def test_moe_layer_beyond_the_kernel_limit_runs_on_the_reference(monkeypatch, capsys):
+    """A layer whose top_k the kernels do not support (limit lowered to 1 here) runs and equals "grouped"."""
+    monkeypatch.setattr(moe_ops, "_logged", set())
+    monkeypatch.setattr(EXT, "max_top_k", 1)
+    outputs = []
+    for dispatch in ("auto", "grouped"):
+        torch.manual_seed(0)
+        layer = M.MoEFFN(16, 32, 6, 2, descriptor_dim=3, dispatch=dispatch)
+        outputs.append(layer(torch.randn(2, 9, 16), torch.randn(2, 3))[0])
+    torch.testing.assert_close(outputs[0], outputs[1])
+    assert capsys.readouterr().err.count("top_k=2 is above the kernels' limit of 1") == 1
+    with pytest.raises(RuntimeError, match="top_k=2 is above"):
+        M.MoEFFN(16, 32, 6, 2, descriptor_dim=3, dispatch="kernels")(torch.randn(2, 9, 16), torch.randn(2, 3))
+
+
+@needs_ext
 def test_extension_rejects_bad_input():
     with pytest.raises(RuntimeError, match="top_k"):
         EXT.gating_forward(torch.randn(4, 3), 4)
@@ -215,6 +370,49 @@ def test_gating_cuda_matches_reference(T, E, k, ties, dtype):
         grads.append(leaf.grad.float())
     tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4)
     torch.testing.assert_close(grads[1], grads[0], **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("case", list(EDGE_ROWS))
+@gpu_test
+def test_gating_cuda_non_finite_rows_match_reference(case, k, dtype):
+    logits = edge_logits(case, dtype, device="cuda")
+    (ref, ref_grad), (ker, ker_grad) = (gating_and_gradient(g, logits, k) for g in (M.gating, moe_ops.gating))
+    assert_gating_equal(ref, ker)
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-4)
+    torch.testing.assert_close(ker_grad.float(), ref_grad.float(), equal_nan=True, **tol)
+    cpu = moe_ops.gating(logits.cpu(), k)
+    assert_gating_equal(cpu, [t.cpu() for t in ker])
+
+
+@gpu_test
+def test_cuda_bad_indices_raise_and_leave_the_gpu_usable():
+    """A checked flag, not a device assert: a clear RuntimeError, and the CUDA context still works."""
+    out, gates = torch.randn(6, 4, device="cuda"), torch.rand(3, 2, device="cuda")
+    with pytest.raises(RuntimeError, match=r"order holds index 9 outside \[0, T\*k=6\)"):
+        moe_ops.combine(out, gates, torch.tensor([0, 1, 2, 3, 4, 9], device="cuda"))
+    with pytest.raises(RuntimeError, match="not a permutation"):
+        twice = torch.tensor([0, 1, 2, 3, 4, 4], device="cuda")
+        EXT.combine_backward(torch.randn(3, 4, device="cuda"), out, gates, twice)
+    with pytest.raises(RuntimeError, match=r"expert id -3 outside \[0, 6\)"):
+        moe_ops.permute(torch.randn(3, 4, device="cuda"), torch.tensor([[0, 1], [2, -3], [5, 0]], device="cuda"), 6)
+    # unchecked: bad entries are skipped, nothing is read or written out of bounds
+    EXT.combine_forward(out, gates, torch.tensor([0, 1, 2, 3, 4, 1 << 40], device="cuda"), check_order=False)
+    torch.cuda.synchronize()
+    order = torch.tensor([5, 4, 3, 2, 1, 0], device="cuda")
+    torch.testing.assert_close(moe_ops.combine(out, gates, order), M.combine(out, gates, order))
+
+
+@gpu_test
+def test_cuda_kernels_have_an_image_for_this_gpu_and_limits_fall_back(monkeypatch, capsys):
+    assert EXT.cuda_kernel_status(torch.cuda.current_device()) == ""
+    monkeypatch.setattr(moe_ops, "_logged", set())
+    x = torch.zeros(1, device="cuda")
+    E = EXT.max_experts_cuda + 1
+    assert M.moe_functions("auto", x, n_experts=E, top_k=1) == (M.gating, M.dispatch_grouped)
+    assert f"n_experts={E} is above the CUDA kernels' limit" in capsys.readouterr().err
+    assert M.moe_functions("auto", x, n_experts=E - 1, top_k=1)[0] is moe_ops.gating
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -1,12 +1,21 @@
 """The SAR simulator against the physics tables, and the synthetic DG suite's promises."""
 
+import errno
+import glob
+import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 
 from nanosar import sim
-from nanosar.data import Split
+from nanosar.data import Split, check_suite_complete
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 BARE, OTHER, ROAD, WATER, FOREST, BUILDING = sim.BARE, sim.OTHER, sim.ROAD, sim.WATER, sim.FOREST, sim.BUILDING
 
@@ -150,3 +159,127 @@ def test_prepare_synthetic_writes_the_suite(tmp_path):
             s = Split(str(out / domain / split), verify=True)
             assert s.images.shape == (n, 2 if s.unit == "complex" else 1, 32, 32)
     assert not [p for p in os.listdir(out) if ".tmp-" in p]
+
+
+def prepare(out, *options):
+    from prepare import main
+
+    return main(["synthetic", "--out", str(out), "--tile", "32", "--train-tiles", "3", "--test-tiles", "2",
+                 "--workers", "1", *options])
+
+
+def seeds(out):
+    return {Split(str(out / d / split)).meta["provenance"]["seed"] for d in json.loads((out / "suite.json").read_text())
+            ["domains"] for split in ("train", "test")}
+
+
+class Killed(BaseException):
+    """Stands in for kill -9 in the middle of a run."""
+
+
+def test_an_interrupted_rerun_with_new_settings_is_detected_and_resumed(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "synth"
+    assert prepare(out) == 0 and seeds(out) == {0}
+    assert check_suite_complete(str(out))["complete"] is True
+    # a rerun with another seed, killed after its first two splits: both seeds on disk, suite.json says so
+    write_domain, calls = sim.write_domain, []
+
+    def killed_after_two(*args, **kwargs):
+        if len(calls) == 2:
+            raise Killed
+        calls.append(args[0])
+        write_domain(*args, **kwargs)
+
+    monkeypatch.setattr(sim, "write_domain", killed_after_two)
+    with pytest.raises(Killed):
+        prepare(out, "--seed", "1")
+    monkeypatch.undo()
+    assert seeds(out) == {0, 1}
+    with pytest.raises(ValueError, match=r"suite.json: the suite is incomplete .*--seed 1"):
+        check_suite_complete(str(out))
+    # rerunning keeps the two finished splits, regenerates the rest and cleans up the killed run's debris
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()                                             # a dead pid, like a killed worker's
+    for domain in sim.suite_domains()[1:3]:
+        os.makedirs(out / domain.name / f"train.tmp-{child.pid}")
+        os.makedirs(out / domain.name / f"test.old-{child.pid}")
+    capsys.readouterr()
+    assert prepare(out, "--seed", "1") == 0
+    log = capsys.readouterr().out
+    first = sim.suite_domains()[0].name
+    assert f"{first}: resuming, keeping train (3 tiles) and test (2 tiles)" in log
+    assert "wrote 24 splits (kept 2)" in log
+    assert seeds(out) == {1} and check_suite_complete(str(out))["seed"] == 1
+    # a split written with other settings under a suite.json that says complete is caught too
+    sim.write_domain(str(out / first / "test"), sim.suite_domains()[0], "test", 2, 32, seed=0)
+    with pytest.raises(ValueError, match=rf"{first}/test was written with other settings .*seed 0 \(suite.json: 1\)"):
+        check_suite_complete(str(out))
+    assert not [p for p in glob.glob(str(out / "**" / "*"), recursive=True) if ".tmp-" in p or ".old-" in p]
+
+
+def test_a_full_disk_stops_prepare_with_one_line(tmp_path, monkeypatch, capsys):
+    from nanosar import data
+
+    def full(path, mode="r", *args, **kwargs):
+        if "w" in mode and path.endswith("images.npy"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(data, "open", full, raising=False)
+    assert prepare(tmp_path / "synth") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("prepare.py: error: ") and "N-G3-HH-db/train: no space left on the device" in err
+
+
+def children(pid):
+    """Pids of the processes whose parent is pid (from /proc)."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if entry.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            pass
+    return kids
+
+
+def running(pid):
+    """True while pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(condition, seconds):
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return condition()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds the workers through /proc (Linux)")
+def test_killing_prepare_ends_its_workers(tmp_path):
+    out = tmp_path / "synth"
+    parent = subprocess.Popen([sys.executable, "prepare.py", "synthetic", "--out", str(out), "--train-tiles", "100000",
+                               "--workers", "2"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    workers = []
+    try:
+        def both_writing():                        # two children, each with a split temporary of its own
+            workers[:] = children(parent.pid)
+            writing = {int(p.rsplit("-", 1)[1]) for p in glob.glob(str(out / "*" / "*.tmp-*"))}
+            return len(writing & set(workers)) == 2
+        assert wait_until(both_writing, 120), parent.stderr.read().decode() if parent.poll() is not None else ""
+        parent.send_signal(signal.SIGKILL)         # no cleanup runs in the parent
+        parent.wait()
+        assert wait_until(lambda: not any(running(w) for w in workers), 20), \
+            f"workers {[w for w in workers if running(w)]} outlived their parent"
+    finally:
+        parent.kill() if parent.poll() is None else None
+        for w in workers:
+            if running(w):
+                os.kill(w, signal.SIGKILL)
+        parent.stderr.close()

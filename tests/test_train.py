@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -38,8 +39,9 @@ def ok(result):
     return result
 
 
-def weights(out_dir):
-    return torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=False)
+def weights(out_dir, name="ckpt.pt"):
+    """A checkpoint the script wrote, read as any user would: plain data, weights_only=True."""
+    return torch.load(os.path.join(out_dir, name), map_location="cpu", weights_only=True)
 
 
 COMMON = ["--log_interval=5", "--eval_interval=0", "--warmup_iters=2", "--ckpt_interval=0"]
@@ -107,9 +109,16 @@ def test_dg_phase_freezes_the_backbone_and_trains_the_head(domain, tmp_path):
     (["--data=/nonexistent/folder"], "data folder /nonexistent/folder does not exist"),
     (["--phase=dg"], "needs init=ckpt:PATH"),
     (["no_such_config.py"], "config file no_such_config.py not found"),
+    (["--learning_rate=1e999"], "learning_rate must be a finite number >= 0, got inf"),
+    (["--learning_rate=-0.1"], "learning_rate must be a finite number >= 0"),
+    (["--grad_accum=0"], "grad_accum must be >= 1, got 0"),
+    (["--batch_size=0"], "batch_size must be >= 1, got 0"),
+    (["--val_fraction=1.5"], "val_fraction must be in [0, 1)"),
+    (["--schedule=linear"], "schedule must be one of cosine, poly, constant"),
 ])
-def test_bad_configuration_fails_at_start_with_a_clear_message(args, message, domain):
-    result = train(f"--data={domain}", *args) if not any(a.startswith("--data=") for a in args) else train(*args)
+def test_bad_configuration_fails_at_start_with_a_clear_message(args, message, domain, tmp_path):
+    data = [] if any(a.startswith("--data=") for a in args) else [f"--data={domain}"]
+    result = train(*data, f"--out_dir={tmp_path / 'run'}", *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
 
 
@@ -128,3 +137,115 @@ def test_config_file_and_override_order(domain, tmp_path):
     saved = weights(tmp_path / "run")["config"]
     assert saved["max_iters"] == 3 and saved["batch_size"] == 2 and saved["learning_rate"] == 1.0
     assert "iter      3" in result.stdout
+
+
+def test_config_file_with_a_syntax_error_is_a_clear_error(domain, tmp_path):
+    config = tmp_path / "broken.py"
+    config.write_text("max_iters = = 3\n")
+    result = train(f"--data={domain}", str(config))
+    assert result.returncode == 2 and f"config file {config}: SyntaxError" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_a_clear_error(domain):
+    result = train(f"--data={domain}", "--device=cuda")
+    assert result.returncode == 2 and "device=cuda but no CUDA GPU" in result.stderr, result.stderr[-2000:]
+
+
+def test_ddp_with_uneven_validation_shards_finishes(domain, tmp_path):
+    """19 validation tiles over 2 ranks in batches of 3: rank 0 runs 4 evaluation batches, rank 1 runs 3.
+    Evaluation issues no collective but the final sum, so this neither hangs nor aborts."""
+    result = ok(train(f"--data={domain}", f"--out_dir={tmp_path}", "--max_iters=4", "--batch_size=3",
+                      "--eval_tiles=19", "--eval_interval=2", "--log_interval=2", "--warmup_iters=1",
+                      torchrun=True))
+    assert result.stdout.count("| source val mIoU") == 2
+
+
+def test_best_checkpoint_is_the_one_with_the_best_source_validation(domain, tmp_path):
+    log = tmp_path / "log.csv"
+    ok(train(f"--data={domain}", f"--out_dir={tmp_path}", "--max_iters=12", "--batch_size=4", "--eval_interval=2",
+             "--log_interval=2", "--warmup_iters=2", "--ckpt_interval=0", f"--csv_log={log}", "--eval_tiles=8"))
+    rows = [r for r in csv.DictReader(open(log)) if r["val_miou"]]
+    assert [int(r["iter"]) for r in rows] == [2, 4, 6, 8, 10, 12]
+    best_row = max(rows, key=lambda r: float(r["val_miou"]))       # the first of equal maxima, as train.py keeps
+    best, last = weights(tmp_path, "best.pt"), weights(tmp_path)
+    assert best["iter_num"] == int(best_row["iter"]) and last["iter_num"] == 12
+    assert best["best_val_miou"] == pytest.approx(float(best_row["val_miou"]))
+    assert "optimizer" not in best and "optimizer" in last
+    if best["iter_num"] != 12:
+        assert any(not torch.equal(best["model"][k], v) for k, v in last["model"].items())
+
+
+def test_damaged_checkpoints_give_a_clear_error_naming_the_file(domain, tmp_path):
+    args = [f"--data={domain}", f"--out_dir={tmp_path}", "--batch_size=2", *COMMON]
+    ok(train(*args, "--max_iters=1"))
+    ok(train(*args, "--max_iters=2", "--resume=True"))              # a second save keeps the first as .prev
+    path, prev = tmp_path / "ckpt.pt", tmp_path / "ckpt.prev.pt"
+    assert weights(tmp_path, "ckpt.prev.pt")["iter_num"] == 1
+    good = path.read_bytes()
+    # a flipped byte inside a tensor: the file still loads, only the checksum sees it
+    data = bytearray(good)
+    data[len(good) // 2] ^= 0xFF                                     # inside the largest tensors
+    for damaged, message in [(bytes(data), "cannot be read|checksum of"), (good[: len(good) // 3], "cannot be read"),
+                             (b"", "is empty")]:
+        path.write_bytes(damaged)
+        result = train(*args, "--max_iters=3", "--resume=True")
+        assert result.returncode == 2, result.stderr[-2000:]
+        last_line = result.stderr.strip().splitlines()[-1]
+        assert str(path) in last_line and str(prev) in last_line, last_line
+        assert re.search(message, last_line), last_line
+
+
+def test_a_flipped_byte_in_a_weight_is_caught_by_the_checksum(tmp_path):
+    from nanosar.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+    path = str(tmp_path / "ckpt.pt")
+    weight = torch.arange(4096, dtype=torch.float32)
+    save_checkpoint(path, {"model": {"w": weight}, "model_args": {}, "config": {}})
+    data = bytearray(open(path, "rb").read())
+    offset = bytes(data).index(weight[1000:1002].numpy().tobytes())   # the raw tensor bytes in the zip
+    data[offset] ^= 0x01
+    open(path, "wb").write(bytes(data))
+    assert torch.load(path, weights_only=True)["model"]["w"][1000] != 1000.0   # loads, silently different
+    with pytest.raises(CheckpointError, match="checksum of 'model' does not match"):
+        load_checkpoint(path)
+    assert load_checkpoint(path, parts=("config",)) == {"config": {}}          # only what is asked is checked
+
+
+def test_a_second_writer_of_a_run_folder_is_refused(domain, tmp_path):
+    from nanosar.files import RunLock
+
+    with RunLock(str(tmp_path)):
+        result = train(f"--data={domain}", f"--out_dir={tmp_path}", "--max_iters=1", "--batch_size=2", *COMMON)
+    assert result.returncode == 2 and "is in use by another run" in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_resume_before_any_checkpoint_starts_fresh_and_removes_debris_of_killed_runs(domain, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    debris = tmp_path / f"ckpt.pt.tmp-{int(dead.stdout)}"                        # the pid of a finished process
+    debris.write_bytes(b"half a checkpoint")
+    result = ok(train(f"--data={domain}", f"--out_dir={tmp_path}", "--max_iters=1", "--batch_size=2",
+                      "--resume=True", *COMMON))
+    assert "does not exist yet: starting a fresh run" in result.stdout
+    assert "removed 1 temporary file(s)" in result.stdout and not debris.exists()
+    assert weights(tmp_path)["iter_num"] == 1
+
+
+def test_resume_truncates_the_csv_log_to_the_checkpoint(domain, tmp_path):
+    log = tmp_path / "log.csv"
+    args = [f"--data={domain}", f"--out_dir={tmp_path}", "--batch_size=2", "--log_interval=2", "--eval_interval=0",
+            "--warmup_iters=1", "--ckpt_interval=4", f"--csv_log={log}", "--max_iters=8"]
+    ok(train(*args))
+    # as if killed after iter 8 was logged but before it was saved: ckpt.pt is the iter-4 checkpoint
+    shutil.copy(tmp_path / "ckpt.prev.pt", tmp_path / "ckpt.pt")
+    ok(train(*args, "--resume=True"))
+    assert [int(r["iter"]) for r in csv.DictReader(open(log))] == [2, 4, 6, 8]
+
+
+def test_a_non_finite_loss_stops_the_run_without_saving(domain, tmp_path):
+    result = train(f"--data={domain}", f"--out_dir={tmp_path}", "--max_iters=30", "--batch_size=2",
+                   "--learning_rate=1e30", "--warmup_iters=0", "--log_interval=1", "--eval_interval=0",
+                   "--ckpt_interval=0", "--grad_clip=0")
+    assert result.returncode == 2 and "became NaN or infinite" in result.stderr, result.stdout[-1000:] + result.stderr[-2000:]
+    assert not (tmp_path / "ckpt.pt").exists() and not (tmp_path / "best.pt").exists()
