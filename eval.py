@@ -14,7 +14,6 @@ confusion matrices are summed.
 """
 
 import argparse
-import ctypes
 import json
 import math
 import os
@@ -24,16 +23,16 @@ import warnings
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from nanosar import suites
 from nanosar.checkpoint import load_checkpoint
-from nanosar.files import write_atomic, write_text_atomic
 from nanosar.data import IGNORE, Split, load_batch, tile_positions
-from nanosar.geotiff import GEOTIFF_TAGS, TiffWindows
-from nanosar.units import UNITS, check_plausible
-from nanosar.metrics import confusion_matrix, segmentation_scores
+from nanosar.distributed import close_distributed, init_distributed
+from nanosar.files import release_freed_memory, write_atomic, write_text_atomic
+from nanosar.geotiff import TiffWindows, write_tiled_geotiff
+from nanosar.metrics import evaluate
 from nanosar.model import SARConfig, Segmenter
+from nanosar.units import UNITS, check_plausible
 
 # -----------------------------------------------------------------------------
 # models and their input contract
@@ -145,36 +144,24 @@ def sliding_logits_of_tile(model, image, window, stride, blend, batch, device):
 # evaluation of one split, with routing statistics
 
 
-@torch.no_grad()
-def evaluate_split(model, split, device, batch=16, window=None, stride=None, blend="cosine", rank=0, world=1):
-    """Scores of a model on a prepared split, plus per-block expert load fractions (L, E) and the mean
-    descriptors [H_DE, ENL, R_LR]. Whole-tile inference, or sliding windows when `window` is given."""
-    K = model.cfg.num_classes
-    cm = torch.zeros(K, K, dtype=torch.long, device=device)
-    load, descriptors, images_seen = None, torch.zeros(3, dtype=torch.float64, device=device), 0
+def split_batches(split, batch, rank=0, world=1):
+    """This process's share (every world-th tile) of a prepared split, in batches of (images, labels)."""
     indices = list(range(rank, len(split), world))
     for b in range(0, len(indices), batch):
-        images, labels = load_batch(split, indices[b:b + batch])
-        images, labels = images.to(device), labels.to(device)
-        if window is None:
-            out = model(images)
-            logits = out.logits
-            batch_load = out.expert_load
-            descriptors += out.descriptors.double().sum(0)
-        else:
-            logits = torch.stack([sliding_logits_of_tile(model, image, window, stride, blend, batch, device)
-                                  for image in images])
-            batch_load = torch.zeros(0, 1, dtype=torch.long, device=device)   # routing stats: whole tiles only
-        cm += confusion_matrix(logits.argmax(1), labels, K)
-        load = batch_load.clone() if load is None else load + batch_load
-        images_seen += len(images)
-    counts = torch.tensor([images_seen], dtype=torch.float64, device=device)
-    if world > 1:
-        for t in (cm, load, descriptors, counts):
-            dist.all_reduce(t)
-    fractions = (load.double() / load.sum(1, keepdim=True).clamp_min(1)).tolist() if load is not None else []
-    return {**segmentation_scores(cm), "expert_load": fractions,
-            "mean_descriptors": (descriptors / counts.clamp_min(1)).tolist(), "tiles": int(counts.item())}
+        yield load_batch(split, indices[b:b + batch])
+
+
+def evaluate_split(model, split, device, batch=16, window=None, stride=None, blend="cosine", rank=0, world=1):
+    """Scores of a model on a prepared split, per-block expert load fractions (L, E) and mean descriptors
+    [H_DE, ENL, R_LR] (nanosar.metrics.evaluate). Whole tiles, or sliding windows when `window` is given
+    (then without routing statistics)."""
+    logits_of = None
+    if window is not None:
+        def logits_of(images):
+            return torch.stack([sliding_logits_of_tile(model, image, window, stride, blend, batch, device)
+                                for image in images])
+    with torch.no_grad():
+        return evaluate(model, split_batches(split, batch, rank, world), device, world, logits_of)
 
 
 # -----------------------------------------------------------------------------
@@ -198,9 +185,15 @@ def checkpoint_for(spec, source, which="best"):
     return spec if os.path.basename(trained_on.rstrip("/")) == source else None
 
 
+def run_name(spec):
+    """The row label of a --ckpt without label=: the run folder's name (out/synth_tiny/ckpt.pt -> synth_tiny)."""
+    path = os.path.abspath(spec)
+    return os.path.basename(os.path.dirname(path) if os.path.isfile(path) else path)
+
+
 def run_suite(args, device, rank, world):
     benchmarks = suites.load(args.suite, args.data)
-    variants = dict(v.split("=", 1) if "=" in v else (os.path.basename(v.rstrip("/")) or v, v) for v in args.ckpt)
+    variants = dict(v.split("=", 1) if "=" in v else (run_name(v), v) for v in args.ckpt)
     results = {}
     for label, spec in variants.items():
         results[label] = {}
@@ -254,6 +247,11 @@ def suite_markdown(name, benchmarks, results):
                 average = suites.PAPER_AVERAGES[group][method]
                 lines.append(f"| paper: {method} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in paper)
                              + f" | {average} (all {len(codes)}) |")
+        for label, scores in results.items():
+            ran = [c for c in codes if c in scores]
+            if len(ran) < len(codes):
+                lines.append(f"\n{label}: {len(ran)} of {len(codes)} ran ({', '.join(ran) or 'none'}): its "
+                             f"checkpoint(s) cover only those sources; '-' = not run, and the average needs all.")
         lines += ["", "| code | gap | source -> target |", "|---|---|---|"]
         lines += [f"| {b['code']} | {b['gap']} | {b['source']} -> {b['target']} |" for b in group_benchmarks]
         lines.append("")
@@ -281,9 +279,6 @@ def suite_markdown(name, benchmarks, results):
 # whole-scene prediction
 
 
-TAG_TYPES = {"ModelPixelScale": 12, "ModelTiepoint": 12, "ModelTransformation": 12, "GeoKeyDirectory": 3,
-             "GeoDoubleParams": 12, "GeoAsciiParams": 2}   # TIFF types: 12 double, 3 short, 2 ascii
-TAG_CODES = {name: code for code, name in GEOTIFF_TAGS.items()}
 
 
 def scene_pixels(scene, model_cfg, unit):
@@ -320,15 +315,6 @@ def scene_pixels(scene, model_cfg, unit):
         return torch.where(invalid(window)[None], fill, window)
 
     return read, lambda *r: invalid(raw(*r))
-
-
-def release_freed_memory():
-    """Hand freed heap memory back to the OS (glibc's malloc_trim): without it the allocator keeps the
-    freed buffers of every block, and the resident memory of a long scene creeps up with its size."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def check_output_path(out, inputs):
@@ -403,18 +389,8 @@ def predict_scene(args, device):
             release_freed_memory()
             yield out
 
-    extratags = [(TAG_CODES[name], TAG_TYPES[name], 0 if TAG_TYPES[name] == 2 else len(value), value, True)
-                 for name, value in scene.geo.items() if name in TAG_TYPES]
-    extratags.append((TAG_CODES["GDAL_NODATA"], 2, 0, str(IGNORE), True))
-    import tifffile
-
-    def write(tmp):
-        with tifffile.TiffWriter(tmp, bigtiff=H * W > 2**31) as writer:
-            writer.write(tiles(), shape=(H, W), dtype=np.uint8, tile=(block, block), compression="zlib",
-                         extratags=extratags, photometric="minisblack")
-
     try:
-        write_atomic(args.out, write)
+        write_atomic(args.out, lambda tmp: write_tiled_geotiff(tmp, tiles(), (H, W), block, scene.geo, IGNORE))
     finally:
         scene.close()
     print(f"wrote {args.out}: {H}x{W} class ids (255 = nodata) in {time.time() - t0:.1f} s, window {window}, "
@@ -470,12 +446,7 @@ def main(argv=None):
         parser.error("--batch and --window must be >= 1 and --block >= 16")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but no CUDA GPU is visible to this process")
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    if ddp:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if use_cuda else "cpu")
+    rank, world, device = init_distributed(args.device)
     try:
         if args.predict:
             if args.out == "out/eval":
@@ -487,8 +458,7 @@ def main(argv=None):
         print(f"eval.py: error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     finally:
-        if ddp:
-            dist.destroy_process_group()
+        close_distributed()
 
 
 if __name__ == "__main__":

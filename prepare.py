@@ -7,10 +7,12 @@ tiles.jsonl and meta.json.
     python prepare.py <dataset> --root PATH --out DIR [--split train] [--tile N] [--overlap N]
     python prepare.py --help                                     # every dataset: layout, source, unit
 
-The synthetic suite writes <out>/<domain>/{train,test} for the 13 domains of its 22 sub-benchmarks,
-and <out>/suite.json listing the benchmarks (code, gap, source, target) and the settings, with
-"complete": true only once every domain is written. Rerunning an interrupted run resumes it: splits
-already written with the same settings are kept, the others regenerated.
+The synthetic suite writes <out>/<domain>/{train,test} for the 13 domains of its 22 sub-benchmarks and
+for the extra domains beside them (sim.EXTRA_DOMAINS: a dual-pol Sentinel-1 VV+VH domain), and
+<out>/suite.json listing the benchmarks (code, gap, source, target), the "domains" they use, the
+"extra_domains" and the settings, with "complete": true only once every domain is written. Rerunning
+an interrupted run resumes it: splits already written with the same settings are kept, the others
+regenerated.
 
 Bad input (a missing folder, a damaged file, a full disk) ends with one line on stderr,
 `prepare.py: error: <file>: <what is wrong and what to do>`, and exit status 2.
@@ -98,7 +100,7 @@ def prepare_synthetic(out, tile=128, train_tiles=256, test_tiles=64, seed=0, wor
     never mixed. Debris of killed runs is cleaned up first; a second run on the same folder is refused.
     """
     tiles = {"train": train_tiles, "test": test_tiles}
-    domains = sim.suite_domains()
+    domains = sim.suite_domains() + sim.EXTRA_DOMAINS   # the benchmarks' domains, then those in no benchmark
     t0 = time.time()
     with RunLock(out):
         remove_stale_temporaries(out)
@@ -108,7 +110,8 @@ def prepare_synthetic(out, tile=128, train_tiles=256, test_tiles=64, seed=0, wor
                            "sub-benchmarks over the paper's 8 gap types",
             "complete": False,
             "tile": tile, "seed": seed, "tiles": tiles, "generator_version": sim.GENERATOR_VERSION,
-            "domains": [d.name for d in domains],
+            "domains": [d.name for d in sim.suite_domains()],
+            "extra_domains": [d.name for d in sim.EXTRA_DOMAINS],     # written beside them, in no benchmark
             "benchmarks": [
                 {"code": code, "gap": gap, "factors": sorted(sim.GAP_FACTORS[gap]), "source": source.name,
                  "target": target.name, "group": "single-gap" if "+" not in gap else "multi-gap"}

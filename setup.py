@@ -3,12 +3,13 @@
     pip install torch numpy tifffile pybind11 ninja setuptools wheel
     pip install --no-build-isolation -e .          # the build needs the torch that will run it
 
-The C++ CPU ops are always built. The CUDA ops are added when torch is a CUDA build and a CUDA toolkit
-is found (CUDA_HOME, or nvcc on PATH); NANOSAR_CPU_ONLY=1 skips them. GPU architectures come from
-TORCH_CUDA_ARCH_LIST, default "8.0;9.0+PTX": binaries for A100 and H100/H200, plus PTX that the driver
-compiles for newer GPUs. On a GPU the build does not cover, moe_dispatch="auto" falls back to the
-PyTorch reference with a note on stderr (nanosar/moe_ops.py). NANOSAR_NO_EXTENSION=1 installs the pure
-Python package (the MoE then uses the PyTorch reference path).
+Importing nanosar._C registers the custom operators torch.ops.nanosar.{gating, permute, combine, ...}
+(csrc/bindings.cpp). The C++ CPU kernels are always built. The CUDA kernels are added when torch is a
+CUDA build and a CUDA toolkit is found (CUDA_HOME, or nvcc on PATH); NANOSAR_CPU_ONLY=1 skips them. GPU
+architectures come from TORCH_CUDA_ARCH_LIST, default "8.0;9.0+PTX": binaries for A100 and H100/H200,
+plus PTX that the driver compiles for newer GPUs. On a GPU the build does not cover, the MoE falls back
+to its PyTorch path with a note on stderr (nanosar/moe_ops.py, kernel_devices). NANOSAR_NO_EXTENSION=1
+installs the pure Python package (the MoE then always takes the PyTorch path).
 """
 
 import glob

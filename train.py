@@ -1,41 +1,40 @@
 """
 Train the physics-guided MoE segmenter, in the spirit of nanoGPT's train.py: the configuration is the
-plain variables below, overridden by config files and then by --key=value (type-checked; unknown keys
-are errors), and saved with every checkpoint.
+plain variables below plus every field of nanosar.model.SARConfig (n_experts, top_k, descriptor_dim,
+balance_loss_weight, moe_dispatch, patch_size, ...: they override the preset), set by config files and
+then by --key=value (type-checked; unknown keys are errors), and saved with every checkpoint.
 
+    python train.py --help                                                          # every key
     python train.py --data=data/synth/N-G3-HH-db --preset=tiny --phase=cpt       # one process, CPU or GPU
-    torchrun --standalone --nproc_per_node=8 train.py config/cpt_large.py          # one node, 8 GPUs
-    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_backend=c10d \\
-             --rdzv_endpoint=HOST:29500 train.py config/cpt_large.py              # 2 nodes (node_rank=1 on the other)
+    torchrun --standalone --nproc_per_node=8 train.py config/cpt_large.py          # one node, 8 GPUs (README: more)
 
-Two phases, as in the paper: "cpt" trains backbone and head (continued pre-training on a mix of
-prepared datasets, from scratch or upcycled from a local DINOv2 checkpoint); "dg" freezes the backbone
-(taken from an earlier run's checkpoint) and trains only the head on one source domain, evaluating
-on held-out source tiles (model selection never sees a target domain).
+Two phases, as in the paper: "cpt" trains backbone and head (continued pre-training on a mix of prepared
+datasets, from scratch or upcycled from DINOv2); "dg" freezes the backbone of an earlier run and trains
+the head on one source domain. Model selection (best.pt) uses held-out source tiles, never a target.
 """
 
-import ast
-import builtins
 import contextlib
 import csv
-import io
+import dataclasses
+import inspect
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, replace
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nanosar.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from nanosar.data import Split, load_batch
-from nanosar.files import RunLock, RunLockedError, remove_stale_temporaries, write_text_atomic
-from nanosar.metrics import confusion_matrix, segmentation_scores
-from nanosar.model import SARConfig, Segmenter, balance_loss_over_blocks, upcycle_from_dinov2
+from nanosar.checkpoint import check_same_architecture, load_checkpoint, save_checkpoint
+from nanosar.configurator import key_comments, parse_config
+from nanosar.data import TileStream, channel_statistics, open_splits, read_tiles
+from nanosar.dinov2 import upcycle_from_dinov2
+from nanosar.distributed import close_distributed, init_distributed
+from nanosar.files import RunLock, RunLockedError, open_csv_log, remove_stale_temporaries
+from nanosar.metrics import evaluate
+from nanosar.model import SARConfig, Segmenter, balance_loss_over_blocks
 
 # -----------------------------------------------------------------------------
 # configuration: plain variables, overridden by config files and --key=value
@@ -45,11 +44,7 @@ train_split = "train"
 val_fraction = 0.1          # last fraction of each domain's training tiles, held out as source validation
 phase = "cpt"               # "cpt": train backbone + head; "dg": frozen backbone, train the head only
 init = "scratch"            # "scratch", "dinov2:PATH" (upcycle a local DINOv2 file), "ckpt:PATH" (a run's backbone)
-preset = "tiny"             # tiny, small, base, large (nanosar/model.py)
-n_experts = 6
-top_k = 1
-descriptors = True          # physics router on [token || descriptors]; False = router on tokens only
-drop_path_rate = 0.0
+preset = "tiny"             # tiny, small, base, large (nanosar/model.py); SARConfig keys override it
 batch_size = 8              # tiles per process per micro-step
 grad_accum = 1              # micro-steps per optimizer step (global batch = batch_size * grad_accum * world)
 max_iters = 200
@@ -76,7 +71,11 @@ csv_log = ""                # optional CSV file of the logged values
 resume = False              # continue from out_dir/ckpt.pt (a fresh start if there is none yet)
 peak_flops = 989e12         # per GPU, for the MFU estimate (H100/H200 dense bf16)
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+TRAIN_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))]
+# SARConfig fields a run may set; the others are the data's input contract (read from the prepared split)
+DATA_CONTRACT = ("img_size", "in_chans", "input_unit", "channels", "pixel_mean", "pixel_std", "num_classes",
+                 "class_names")
+MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SARConfig) if f.name not in DATA_CONTRACT}
 
 
 def fail(message):
@@ -85,40 +84,23 @@ def fail(message):
     sys.exit(2)
 
 
-def parse_config(argv, config):
-    """Apply config files (python files of plain assignments) and --key=value overrides to config (a dict)."""
+def or_fail(function, *args, **kwargs):
+    """function(*args, **kwargs), a user's fault (a missing or damaged file, bad data, a full disk, a busy
+    run folder: OSError or ValueError, which CheckpointError and RunLockedError are) ending in fail()."""
+    try:
+        return function(*args, **kwargs)
+    except (OSError, ValueError, RunLockedError) as e:
+        fail(e.strerror if isinstance(e, OSError) and e.strerror and not e.filename else str(e))
 
-    def assign(key, value, where):
-        if key not in config:
-            fail(f"{where}: unknown config key {key!r}; known keys: {', '.join(sorted(config))}")
-        expected = type(config[key])
-        if expected is float and type(value) is int:
-            value = float(value)
-        if type(value) is not expected:
-            fail(f"{where}: {key} must be a {expected.__name__}, got {value!r}")
-        config[key] = value
 
-    for arg in argv:
-        if arg.startswith("--"):
-            key, sep, text = arg[2:].partition("=")
-            if not sep:
-                fail(f"{arg}: overrides are written --key=value")
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text                                    # a bare string
-            assign(key, value, arg)
-        else:
-            if not os.path.isfile(arg):
-                fail(f"config file {arg} not found")
-            values = {}
-            try:
-                exec(builtins.compile(open(arg).read(), arg, "exec"), {}, values)  # `compile` is a config key
-            except Exception as e:  # a config file is Python: any error in it is the user's to fix
-                fail(f"config file {arg}: {type(e).__name__}: {e}")
-            for key, value in values.items():
-                assign(key, value, arg)
-    return config
+def print_help():
+    """Every key with its default, type and the comment of its definition (train.py's block, SARConfig)."""
+    comments = key_comments(inspect.getsource(sys.modules[__name__]), inspect.getsource(SARConfig))
+    print(__doc__.strip())
+    for title, keys in (("training keys", {k: globals()[k] for k in TRAIN_KEYS}),
+                        ("model keys (nanosar.model.SARConfig; default: the preset's value)", MODEL_DEFAULTS)):
+        print(f"\n{title}:\n" + "\n".join(f"  --{f'{k}={v!r}':<40} {type(v).__name__:6} {comments.get(k, '')}"
+                                          for k, v in keys.items()))
 
 
 def validate_config(cfg):
@@ -128,17 +110,15 @@ def validate_config(cfg):
     for key, allowed in choices.items():
         if cfg[key] not in allowed:
             fail(f"{key} must be one of {', '.join(allowed)}, got {cfg[key]!r}")
-    at_least = dict(batch_size=1, grad_accum=1, max_iters=1, log_interval=1, eval_tiles=1, n_experts=1, top_k=1,
-                    warmup_iters=0, lr_decay_iters=0, eval_interval=0, ckpt_interval=0)
+    at_least = dict(batch_size=1, grad_accum=1, max_iters=1, log_interval=1, eval_tiles=1, warmup_iters=0,
+                    lr_decay_iters=0, eval_interval=0, ckpt_interval=0)
     for key, low in at_least.items():
         if cfg[key] < low:
             fail(f"{key} must be >= {low}, got {cfg[key]}")
     for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "peak_flops"):
-        if not (math.isfinite(cfg[key]) and cfg[key] >= 0):
-            fail(f"{key} must be a finite number >= 0, got {cfg[key]}")
-    if cfg["learning_rate"] == 0:
-        fail("learning_rate must be > 0")
-    for key in ("val_fraction", "beta1", "beta2", "drop_path_rate"):
+        if not (math.isfinite(cfg[key]) and cfg[key] >= (1e-30 if key == "learning_rate" else 0)):
+            fail(f"{key} must be a finite number {'> 0' if key == 'learning_rate' else '>= 0'}, got {cfg[key]}")
+    for key in ("val_fraction", "beta1", "beta2"):
         if not 0 <= cfg[key] < 1:
             fail(f"{key} must be in [0, 1), got {cfg[key]}")
     if cfg["phase"] == "dg" and not cfg["init"].startswith("ckpt:"):
@@ -150,94 +130,50 @@ def validate_config(cfg):
 
 
 # -----------------------------------------------------------------------------
-# data: a deterministic stream of tiles, so that resuming and DDP see exactly the same batches
+# data and model
 
 
-class TileStream:
-    """The training tiles of one or more splits as one index space, read in a fresh permutation per
-    epoch. Position p of the stream is tile perm_{p // n}[p % n]: any batch is a function of
-    (seed, position) alone, which makes resume and the DDP/single-process equivalence exact."""
-
-    def __init__(self, splits, val_fraction, seed):
-        self.splits, self.seed = splits, seed
-        self.train, self.val = [], []  # (split index, tile index)
-        for s, split in enumerate(splits):
-            n_val = int(len(split) * val_fraction)
-            self.train += [(s, i) for i in range(len(split) - n_val)]
-            self.val += [(s, i) for i in range(len(split) - n_val, len(split))]
-        if not self.train:
-            fail(f"no training tiles in {[sp.path for sp in splits]}")
-        self._perm_epoch, self._perm = None, None
-
-    def tiles_at(self, start, count):
-        """(split, tile) pairs at stream positions start .. start + count - 1."""
-        out, n = [], len(self.train)
-        for p in range(start, start + count):
-            epoch = p // n
-            if epoch != self._perm_epoch:
-                self._perm = np.random.default_rng([self.seed, epoch]).permutation(n)
-                self._perm_epoch = epoch
-            out.append(self.train[self._perm[p % n]])
-        return out
-
-    def batch(self, start, count, augment):
-        """Images (B, C, H, W) float32 and labels (B, H, W) int64 at stream positions start...; flips and
-        90-degree rotations are drawn per position, so they too are reproducible."""
-        images, labels = read_tiles(self.splits, self.tiles_at(start, count))
-        if augment:
-            for b in range(count):
-                k = int(np.random.default_rng([self.seed, start + b, 7]).integers(8))
-                images[b], labels[b] = dihedral(images[b], k), dihedral(labels[b], k)
-        return images, labels
+def model_config_from(cfg, model_overrides, splits):
+    """SARConfig: the preset, the run's model keys, and the data's input contract (channels, unit, classes,
+    tile size, per-channel mean and std of the training pixels as the input normalisation)."""
+    meta = splits[0].meta
+    mean, std = channel_statistics(splits)
+    contract = dict(img_size=meta["tile_shape"][1], in_chans=len(meta["channels"]), input_unit=meta["unit"],
+                    channels=tuple(meta["channels"]), num_classes=len(meta["class_names"]),
+                    class_names=tuple(meta["class_names"]), pixel_mean=mean, pixel_std=std)
+    return or_fail(SARConfig.preset, cfg["preset"], **model_overrides, **contract)
 
 
-def read_tiles(splits, pairs):
-    """(split, tile) pairs -> images (B, C, H, W) float32, labels (B, H, W) int64, in the pairs' order;
-    one batched read per split."""
-    images = torch.empty(len(pairs), *splits[0].images.shape[1:])
-    labels = torch.empty(len(pairs), *splits[0].labels.shape[1:], dtype=torch.long)
-    for s, split in enumerate(splits):
-        where = [b for b, (t, _) in enumerate(pairs) if t == s]
-        if where:
-            images[where], labels[where] = load_batch(split, [pairs[b][1] for b in where])
-    return images, labels
-
-
-def dihedral(x, k):
-    """One of the 8 flips/rotations of the square, on the last two dims."""
-    x = torch.rot90(x, k % 4, dims=(-2, -1))
-    return x.flip(-1) if k >= 4 else x
-
-
-def open_splits(folders, split_name):
-    splits = []
-    for folder in folders:
-        path = os.path.join(folder, split_name)
-        if not os.path.isdir(folder):
-            fail(f"data folder {folder} does not exist (prepare it first: python prepare.py synthetic --out ...)")
-        try:
-            splits.append(Split(path))
-        except (FileNotFoundError, ValueError) as e:
-            fail(str(e))
-    first = splits[0].meta
-    for sp in splits[1:]:
-        for key in ("unit", "channels", "class_names", "tile_shape"):
-            if sp.meta[key] != first[key]:
-                fail(f"{sp.path} has {key}={sp.meta[key]} but {splits[0].path} has {first[key]}: "
-                     f"mixed datasets must share units, channels, classes and tile size")
-    return splits
-
-
-def channel_statistics(splits, max_tiles=256):
-    """Per-channel mean and std of the training pixels (in the data's unit): the model's input normalisation."""
-    images = np.concatenate([np.asarray(sp.images[: max_tiles // len(splits)], np.float64) for sp in splits])
-    mean = images.mean(axis=(0, 2, 3))
-    std = images.std(axis=(0, 2, 3))
-    return tuple(float(m) for m in mean), tuple(float(max(s, 1e-6)) for s in std)
+def build_model(cfg, model_overrides, splits, resume_state, master):
+    """The Segmenter: resumed, upcycled from DINOv2, with the backbone of an earlier run, or from scratch."""
+    if resume_state is not None:
+        model_cfg = SARConfig(**resume_state["model_args"])
+        or_fail(check_same_architecture, resume_state["model_args"],
+                dataclasses.asdict(model_config_from(cfg, model_overrides, splits)), cfg["out_dir"] + "/ckpt.pt")
+        model = Segmenter(model_cfg)
+        model.load_state_dict(resume_state["model"])
+        return model
+    model_cfg = model_config_from(cfg, model_overrides, splits)
+    kind, _, path = cfg["init"].partition(":")
+    if kind == "ckpt":   # the backbone keeps the input normalisation it was trained with
+        source = or_fail(load_checkpoint, path, parts=("model", "model_args"))
+        or_fail(check_same_architecture, source["model_args"], dataclasses.asdict(model_cfg), path)
+        model_cfg = dataclasses.replace(model_cfg, pixel_mean=tuple(source["model_args"]["pixel_mean"]),
+                                        pixel_std=tuple(source["model_args"]["pixel_std"]))
+    model = Segmenter(model_cfg)
+    if kind == "ckpt":
+        model.backbone.load_state_dict({k[9:]: v for k, v in source["model"].items() if k.startswith("backbone.")})
+    elif kind == "dinov2":
+        if not os.path.isfile(path):
+            fail(f"DINOv2 checkpoint {path} not found (download it once, then pass its local path)")
+        report = upcycle_from_dinov2(model, torch.load(path, map_location="cpu", weights_only=True))
+        if master:
+            print(report)
+    return model
 
 
 # -----------------------------------------------------------------------------
-# optimisation
+# optimisation, evaluation, checkpoints
 
 
 def learning_rate_at(it, cfg):
@@ -254,46 +190,19 @@ def learning_rate_at(it, cfg):
 
 def make_optimizer(model, cfg, fused):
     """AdamW; weight decay on matrices and conv kernels only (not norms, biases, LayerScale, embeddings)."""
-    no_decay_names = ("pos_embed", "cls_token", "register_tokens")
-    decay, no_decay = [], []
+    decay, no_decay, embeddings = [], [], ("pos_embed", "cls_token", "register_tokens")
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith(no_decay_names) else decay).append(p)
+            (no_decay if p.ndim < 2 or name.endswith(embeddings) else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), fused=fused)
 
 
-def flops_per_tile(model, trainable_backbone):
-    """Approximate training FLOPs per tile: 6 x active parameters x tokens (2x forward-only for a frozen
-    backbone) plus attention scores, for the MFU estimate."""
-    cfg = model.cfg
-    tokens = 1 + cfg.num_register_tokens + (cfg.img_size // cfg.patch_size) ** 2
-    counts = model.parameter_counts()
-    backbone = (6 if trainable_backbone else 2) * counts["backbone_active"] * tokens
-    attention = (3 if trainable_backbone else 1) * 4 * cfg.depth * cfg.embed_dim * tokens**2
-    return backbone + attention + 6 * counts["head"] * tokens
-
-
-# -----------------------------------------------------------------------------
-# evaluation and checkpoints
-
-
-@torch.no_grad()
-def evaluate(model, stream, cfg, rank, world, device, autocast):
-    """mIoU, accuracy and mean F1 on the held-out source tiles; each rank takes every world-th tile and
-    the int64 confusion matrices are summed across ranks."""
+def validation_batches(stream, cfg, rank, world):
+    """This process's share (every world-th) of the held-out source tiles, in batches."""
     pairs = stream.val[: cfg["eval_tiles"]][rank::world]
-    K = model.cfg.num_classes
-    cm = torch.zeros(K, K, dtype=torch.long, device=device)
-    model.eval()
     for b in range(0, len(pairs), cfg["batch_size"]):
-        images, labels = read_tiles(stream.splits, pairs[b:b + cfg["batch_size"]])
-        with autocast:
-            logits = model(images.to(device)).logits
-        cm += confusion_matrix(logits.argmax(1), labels.to(device), K)
-    if world > 1:
-        dist.all_reduce(cm)
-    return segmentation_scores(cm)
+        yield read_tiles(stream.splits, pairs[b:b + cfg["batch_size"]])
 
 
 def set_train_mode(model, trainable_backbone):
@@ -305,142 +214,50 @@ def set_train_mode(model, trainable_backbone):
 
 def training_state(model, optimizer, it, cfg, best):
     """Everything to resume exactly, as plain data (loads with weights_only=True)."""
-    return {
-        "model": model.state_dict(),
-        "model_args": asdict(model.cfg),
-        "config": cfg,
-        "optimizer": optimizer.state_dict(),
-        "iter_num": it,
-        "best_val_miou": best,
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-    }
+    return {"model": model.state_dict(), "model_args": dataclasses.asdict(model.cfg), "config": cfg,
+            "optimizer": optimizer.state_dict(), "iter_num": it, "best_val_miou": best,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
 
 
-def save_or_fail(path, state, keep_previous=False):
-    """save_checkpoint, turning a full disk or a read-only folder into a one-line error (exit 2)."""
-    try:
-        save_checkpoint(path, state, keep_previous=keep_previous)
-    except OSError as e:
-        fail(f"cannot save the checkpoint: {e.strerror or e}")
+def save(path, state, keep_previous=False):
+    """save_checkpoint (a full disk or a read-only folder: a one-line error), and say where it went."""
+    or_fail(save_checkpoint, path, state, keep_previous=keep_previous)
     print(f"saved {path} (iter {state['iter_num']})", flush=True)
-
-
-def read_checkpoint(path, parts=None):
-    """load_checkpoint, turning a missing or damaged file into a one-line error (exit 2)."""
-    try:
-        return load_checkpoint(path, parts)
-    except CheckpointError as e:
-        fail(str(e))
-
-
-def truncate_csv_log(path, last_iter):
-    """Drop the rows logged after the checkpoint a run resumes from (they will be logged again)."""
-    if not os.path.isfile(path):
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    kept = rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= last_iter]
-    text = io.StringIO()
-    csv.writer(text).writerows(kept)
-    write_text_atomic(path, text.getvalue())
-
-
-def model_config_from(cfg, splits):
-    """SARConfig for the preset and the data's input contract (channels, unit, classes, tile size)."""
-    meta = splits[0].meta
-    mean, std = channel_statistics(splits)
-    try:
-        return SARConfig.preset(
-            cfg["preset"], img_size=meta["tile_shape"][1], in_chans=len(meta["channels"]), input_unit=meta["unit"],
-            channels=tuple(meta["channels"]), pixel_mean=mean, pixel_std=std, num_classes=len(meta["class_names"]),
-            class_names=tuple(meta["class_names"]),
-            n_experts=cfg["n_experts"], top_k=cfg["top_k"], descriptor_dim=3 if cfg["descriptors"] else 0,
-            drop_path_rate=cfg["drop_path_rate"])
-    except ValueError as e:
-        fail(str(e))
-
-
-def check_same_architecture(model_args, model_cfg, path):
-    """A checkpoint must come from the same preset (widths, depth, experts, patch, channels)."""
-    keys = ("embed_dim", "depth", "num_heads", "mlp_ratio", "n_experts", "top_k", "descriptor_dim", "patch_size",
-            "in_chans", "num_register_tokens")
-    ours = asdict(model_cfg)
-    diff = {k: (model_args.get(k), ours[k]) for k in keys if model_args.get(k) != ours[k]}
-    if diff:
-        differences = ", ".join(f"{k}={a} (here {b})" for k, (a, b) in diff.items())
-        fail(f"checkpoint {path} is from another model: {differences}")
 
 
 # -----------------------------------------------------------------------------
 
 
 def main(argv):
-    cfg = parse_config(argv, {k: globals()[k] for k in config_keys})
+    if {"-h", "--help"} & set(argv):
+        return print_help()
+    config = parse_config(argv, {**{k: globals()[k] for k in TRAIN_KEYS}, **MODEL_DEFAULTS}, fail)
+    cfg = {k: config[k] for k in TRAIN_KEYS}
+    model_overrides = {k: v for k, v in config.items() if k in MODEL_DEFAULTS and v != MODEL_DEFAULTS[k]}
     validate_config(cfg)
-
-    # distributed set-up from torchrun's environment (one process per GPU, or gloo processes on the CPU)
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    use_cuda = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
-    if ddp:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-    else:
-        rank, world, local_rank = 0, 1, 0
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    master = rank == 0
+    cfg["model"] = model_overrides                            # saved with the checkpoints
+    rank, world, device = init_distributed(cfg["device"])
+    ddp, master, use_cuda = world > 1 or dist.is_initialized(), rank == 0, device.type == "cuda"
     torch.manual_seed(cfg["seed"] + rank)
     use_amp = use_cuda and cfg["dtype"] != "float32"
     autocast = torch.autocast("cuda", dtype=getattr(torch, cfg["dtype"])) if use_amp else contextlib.nullcontext()
 
     # data, then the run folder: one writer at a time, debris of killed runs removed
-    splits = open_splits([d for d in cfg["data"].split(",") if d], cfg["train_split"])
-    stream = TileStream(splits, cfg["val_fraction"], cfg["seed"])
-    ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
-    best_path = os.path.join(cfg["out_dir"], "best.pt")
+    splits = or_fail(open_splits, [d for d in cfg["data"].split(",") if d], cfg["train_split"])
+    stream = or_fail(TileStream, splits, cfg["val_fraction"], cfg["seed"])
+    ckpt_path, best_path = os.path.join(cfg["out_dir"], "ckpt.pt"), os.path.join(cfg["out_dir"], "best.pt")
     if master:
-        try:
-            lock = RunLock(cfg["out_dir"]).acquire()          # released by the OS when this process ends
-        except (RunLockedError, OSError) as e:
-            fail(str(e))
-        removed = remove_stale_temporaries(cfg["out_dir"])
-        if removed:
-            print(f"removed {len(removed)} temporary file(s) of killed runs from {cfg['out_dir']}")
-
-    # model
-    resume_state = None
-    if cfg["resume"] and os.path.isfile(ckpt_path):
-        resume_state = read_checkpoint(ckpt_path)
-    elif cfg["resume"] and master:
+        lock = or_fail(RunLock(cfg["out_dir"]).acquire)      # released by the OS when this process ends
+        for name in remove_stale_temporaries(cfg["out_dir"]):
+            print(f"removed {name}, a temporary file of a killed run")
+    resume_state = or_fail(load_checkpoint, ckpt_path) if cfg["resume"] and os.path.isfile(ckpt_path) else None
+    if cfg["resume"] and resume_state is None and master:
         print(f"resume=True but {ckpt_path} does not exist yet: starting a fresh run")
-    if resume_state is not None:
-        model_cfg = SARConfig(**resume_state["model_args"])
-        check_same_architecture(resume_state["model_args"], model_config_from(cfg, splits), ckpt_path)
-    else:
-        model_cfg = model_config_from(cfg, splits)
-    model = Segmenter(model_cfg)
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-    elif cfg["init"].startswith("dinov2:"):
-        path = cfg["init"][len("dinov2:"):]
-        if not os.path.isfile(path):
-            fail(f"DINOv2 checkpoint {path} not found (download it once, then pass its local path)")
-        report = upcycle_from_dinov2(model, torch.load(path, map_location="cpu", weights_only=True))
-        if master:
-            print(report)
-    elif cfg["init"].startswith("ckpt:"):
-        path = cfg["init"][len("ckpt:"):]
-        source = read_checkpoint(path, parts=("model", "model_args"))
-        check_same_architecture(source["model_args"], model_cfg, path)
-        # the backbone keeps the input normalisation it was trained with
-        model_cfg = replace(model_cfg, pixel_mean=tuple(source["model_args"]["pixel_mean"]),
-                            pixel_std=tuple(source["model_args"]["pixel_std"]))
-        model = Segmenter(model_cfg)
-        backbone = {k[len("backbone."):]: v for k, v in source["model"].items() if k.startswith("backbone.")}
-        model.backbone.load_state_dict(backbone)
-    trainable_backbone = cfg["phase"] == "cpt"
+
+    # model and optimizer
+    model = build_model(cfg, model_overrides, splits, resume_state, master)
+    model_cfg, trainable_backbone = model.cfg, cfg["phase"] == "cpt"
     model.backbone.requires_grad_(trainable_backbone)
     model.backbone.grad_checkpointing = cfg["act_ckpt"]
     model.to(device)
@@ -449,62 +266,43 @@ def main(argv):
     start_iter, best = 0, -1.0
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
-        start_iter, best = resume_state["iter_num"], resume_state["best_val_miou"]
-        torch.set_rng_state(resume_state["rng"]["torch"])
-        if use_cuda and resume_state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(resume_state["rng"]["cuda"])
+        start_iter, best, rng = resume_state["iter_num"], resume_state["best_val_miou"], resume_state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if use_cuda and rng["cuda"]:
+            torch.cuda.set_rng_state_all(rng["cuda"])
     raw_model = model
     if cfg["compile"]:
         model = torch.compile(model)
     if ddp:
-        model = DDP(model, device_ids=[local_rank] if use_cuda else None)
+        model = DDP(model, device_ids=[device.index] if use_cuda else None)
     if master:
         counts = raw_model.parameter_counts()
         print(f"model {cfg['preset']}: {counts['backbone_total'] / 1e6:.2f}M backbone "
-              f"({counts['backbone_active'] / 1e6:.2f}M "
-              f"active), {counts['head'] / 1e6:.2f}M head; phase {cfg['phase']}, {len(stream.train)} train / "
-              f"{len(stream.val)} val tiles, {world} process(es) on {device.type}")
-    csv_file = None
-    if master and cfg["csv_log"]:
-        new = resume_state is None or not os.path.exists(cfg["csv_log"])
-        if not new:
-            truncate_csv_log(cfg["csv_log"], start_iter)
-        csv_file = open(cfg["csv_log"], "w" if new else "a", newline="")
-        writer = csv.writer(csv_file)
-        if new:
-            writer.writerow(["iter", "loss", "seg_loss", "balance_loss", "z_loss", "lr", "tiles_per_s", "mfu",
-                             "val_miou", "expert_load"])
+              f"({counts['backbone_active'] / 1e6:.2f}M active), {counts['head'] / 1e6:.2f}M head; phase "
+              f"{cfg['phase']}, {len(stream.train)} train / {len(stream.val)} val tiles, {world} process(es) on "
+              f"{device.type}")
+    columns = ["iter", "loss", "seg_loss", "balance_loss", "z_loss", "lr", "tiles_per_s", "mfu", "val_miou",
+               "expert_load"]
+    csv_file = (open_csv_log(cfg["csv_log"], columns, start_iter if resume_state is not None else None)
+                if master and cfg["csv_log"] else None)
 
     # training loop
     B, A = cfg["batch_size"], cfg["grad_accum"]
     global_batch = B * A * world
-    flops = flops_per_tile(raw_model, trainable_backbone) * global_batch
+    flops = raw_model.flops_per_tile(trainable_backbone) * global_batch
     moe = model_cfg.n_experts > 1
-    load_shape = (model_cfg.depth, model_cfg.n_experts) if moe else (0, 1)   # tokens per expert, per MoE block
-    load = torch.zeros(load_shape, dtype=torch.long, device=device)
+    load = torch.zeros((model_cfg.depth, model_cfg.n_experts) if moe else (0, 1), dtype=torch.long, device=device)
     sums = torch.zeros(4, device=device)                       # loss, seg, balance, z over the log interval
     non_finite = torch.zeros((), dtype=torch.long, device=device)  # steps whose loss was NaN or inf
-    t0, steps_in_interval = time.time(), 0
-    run_t0, it = time.time(), start_iter
-
-    def stop_if_non_finite():
-        """All ranks agree (one all-reduce) and stop before a NaN model can be evaluated or saved."""
-        if ddp:
-            dist.all_reduce(non_finite)
-        if non_finite.item():
-            fail(f"the loss became NaN or infinite by iter {it} (learning rate {lr:.3g}); stopped without saving, "
-                 f"the last good checkpoint is {ckpt_path}" + ("" if os.path.isfile(ckpt_path) else " (none yet)"))
-
+    t0, run_t0, steps_in_interval, it = time.time(), time.time(), 0, start_iter
     while it < cfg["max_iters"]:
         lr = learning_rate_at(it, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         for micro in range(A):
             start = it * global_batch + (micro * world + rank) * B   # this process's slice of the global batch
-            images, labels = stream.batch(start, B, cfg["augment"])
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            sync = contextlib.nullcontext() if not ddp or micro == A - 1 else model.no_sync()
-            with sync:
+            images, labels = (t.to(device, non_blocking=True) for t in stream.batch(start, B, cfg["augment"]))
+            with contextlib.nullcontext() if not ddp or micro == A - 1 else model.no_sync():
                 with autocast:
                     out = model(images)
                     # sum over pixels / all pixels: every process weighs its tiles alike, so DDP's mean of
@@ -512,7 +310,7 @@ def main(argv):
                     seg = F.cross_entropy(out.logits.float(), labels, ignore_index=255, reduction="sum")
                     seg = seg / labels.numel()
                     balance = out.balance_loss
-                    if ddp and moe:  # the balance loss sees the global batch's routing: one all-reduce per step
+                    if ddp and moe:  # the balance loss of the global batch's routing: one all-reduce per step
                         global_load = out.expert_load.clone()
                         dist.all_reduce(global_load)
                         balance = balance_loss_over_blocks(global_load, out.router_prob)
@@ -532,11 +330,18 @@ def main(argv):
         last = it == cfg["max_iters"]
         evaluate_now = (cfg["eval_interval"] and it % cfg["eval_interval"] == 0) or last
         save_now = (cfg["ckpt_interval"] and it % cfg["ckpt_interval"] == 0) or last
-        if it % cfg["log_interval"] == 0 or evaluate_now or save_now:
-            stop_if_non_finite()
+        log_now = it % cfg["log_interval"] == 0 or last
+        if log_now or evaluate_now or save_now:   # all ranks agree, and stop before a NaN model is used
+            if ddp:
+                dist.all_reduce(non_finite)
+            if non_finite.item():
+                fail(f"the loss became NaN or infinite by iter {it} (learning rate {lr:.3g}); stopped without "
+                     f"saving; the last good checkpoint is {ckpt_path if os.path.isfile(ckpt_path) else 'none'}")
         val_miou = ""
         if evaluate_now:
-            scores = evaluate(raw_model, stream, cfg, rank, world, device, autocast)
+            raw_model.eval()
+            with autocast:
+                scores = evaluate(raw_model, validation_batches(stream, cfg, rank, world), device, world)
             set_train_mode(raw_model, trainable_backbone)
             val_miou = scores["miou"]
             if master:
@@ -544,11 +349,10 @@ def main(argv):
                       f" | mean F1 {100 * scores['mean_f1']:.2f}", flush=True)
             if not math.isnan(val_miou) and val_miou > best:  # model selection on held-out source tiles only
                 best = val_miou
-                if master:
+                if master:   # best.pt is for evaluation: no optimizer, no RNG
                     state = training_state(raw_model, optimizer, it, cfg, best)
-                    del state["optimizer"], state["rng"]             # best.pt is for evaluation, not resuming
-                    save_or_fail(best_path, state)
-        if it % cfg["log_interval"] == 0 or last:
+                    save(best_path, {k: v for k, v in state.items() if k not in ("optimizer", "rng")})
+        if log_now:
             if ddp:
                 dist.all_reduce(sums)
                 dist.all_reduce(load)
@@ -567,22 +371,21 @@ def main(argv):
                       + (f" | MFU {100 * mfu:.1f}%" if use_cuda else "")
                       + f" | busiest expert per layer {busiest} | {left / 60:.1f} min left", flush=True)
             if csv_file:
-                writer.writerow([it, loss_v, seg_v, bal_v, z_v, lr, tiles_per_s, mfu, val_miou,
-                                 ";".join(" ".join(f"{v:.4f}" for v in row) for row in fraction.tolist())])
+                csv.writer(csv_file).writerow([it, loss_v, seg_v, bal_v, z_v, lr, tiles_per_s, mfu, val_miou, ";".join(
+                    " ".join(f"{v:.4f}" for v in row) for row in fraction.tolist())])
                 csv_file.flush()
             sums.zero_()
             load.zero_()
             t0, steps_in_interval = time.time(), 0
         if master and save_now:
-            save_or_fail(ckpt_path, training_state(raw_model, optimizer, it, cfg, best), keep_previous=True)
-    if csv_file:
-        csv_file.close()
+            save(ckpt_path, training_state(raw_model, optimizer, it, cfg, best), keep_previous=True)
     if master:
         print(f"done: {ckpt_path} (last, iter {it})" + (f", {best_path} (best source val mIoU {100 * best:.2f})"
                                                           if best >= 0 else ""))
         lock.release()
-    if ddp:
-        dist.destroy_process_group()
+        if csv_file:
+            csv_file.close()
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -136,8 +136,8 @@ at::Tensor combine_forward_cuda(const at::Tensor& expert_out, const at::Tensor& 
   return y;
 }
 
-std::vector<at::Tensor> combine_backward_cuda(const at::Tensor& grad_y, const at::Tensor& expert_out,
-                                              const at::Tensor& gates, const at::Tensor& order, bool check_order) {
+CombineGrads combine_backward_cuda(const at::Tensor& grad_y, const at::Tensor& expert_out,
+                                   const at::Tensor& gates, const at::Tensor& order, bool check_order) {
   const c10::cuda::CUDAGuard guard(expert_out.device());
   const int64_t D = expert_out.size(1), A = order.numel();
   const int k = static_cast<int>(gates.size(1));

@@ -50,9 +50,9 @@ at::Tensor combine_forward_cpu(const at::Tensor& expert_out, const at::Tensor& g
 
 // For each sorted row r holding assignment a = order[r] of token t = a / k:
 //   grad_expert_out[r] = gates[a] * grad_y[t],   grad_gates[a] = <grad_y[t], expert_out[r]>
-std::vector<at::Tensor> combine_backward_cpu(const at::Tensor& grad_y, const at::Tensor& expert_out,
-                                             const at::Tensor& gates, const at::Tensor& order,
-                                             bool /*check_order: always*/) {
+CombineGrads combine_backward_cpu(const at::Tensor& grad_y, const at::Tensor& expert_out,
+                                  const at::Tensor& gates, const at::Tensor& order,
+                                  bool /*check_order: always*/) {
   const int64_t k = gates.size(1), D = expert_out.size(1), A = order.numel();
   inverse_permutation_cpu(order);  // only the check: every a = order[r] is in range and met once
   auto grad_out = at::empty_like(expert_out);

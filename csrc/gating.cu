@@ -59,7 +59,7 @@ __global__ void gating_backward_kernel(const scalar_t* __restrict__ logits, int6
 
 }  // namespace
 
-std::vector<at::Tensor> gating_forward_cuda(const at::Tensor& logits, int64_t top_k) {
+GatingOutputs gating_forward_cuda(const at::Tensor& logits, int64_t top_k) {
   const c10::cuda::CUDAGuard guard(logits.device());
   const int64_t T = logits.size(0);
   const int E = static_cast<int>(logits.size(1));
@@ -80,7 +80,7 @@ std::vector<at::Tensor> gating_forward_cuda(const at::Tensor& logits, int64_t to
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   auto totals = partial.sum(0);  // (E + 1,), a fixed-order reduction over blocks
-  return {expert_idx, gates, counts, totals.slice(0, 0, E) / T, totals[E] / T};
+  return {gates, totals.slice(0, 0, E) / T, totals[E] / T, expert_idx, counts};  // see GatingOutputs
 }
 
 at::Tensor gating_backward_cuda(const at::Tensor& logits, const at::Tensor& expert_idx, const at::Tensor& gates,

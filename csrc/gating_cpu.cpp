@@ -6,7 +6,7 @@
 
 #include "moe_ops.h"
 
-std::vector<at::Tensor> gating_forward_cpu(const at::Tensor& logits, int64_t top_k) {
+GatingOutputs gating_forward_cpu(const at::Tensor& logits, int64_t top_k) {
   const int64_t T = logits.size(0), E = logits.size(1);
   const auto acc_dtype = acc_dtype_of(logits);
   auto expert_idx = at::empty({T, top_k}, logits.options().dtype(at::kLong));
@@ -40,7 +40,7 @@ std::vector<at::Tensor> gating_forward_cpu(const at::Tensor& logits, int64_t top
   const int64_t* idx = expert_idx.data_ptr<int64_t>();
   int64_t* c = counts.data_ptr<int64_t>();
   for (int64_t a = 0; a < T * top_k; ++a) ++c[idx[a]];
-  return {expert_idx, gates, counts, totals.slice(0, 0, E) / T, totals[E] / T};
+  return {gates, totals.slice(0, 0, E) / T, totals[E] / T, expert_idx, counts};  // see GatingOutputs
 }
 
 at::Tensor gating_backward_cpu(const at::Tensor& logits, const at::Tensor& expert_idx, const at::Tensor& gates,

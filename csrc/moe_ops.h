@@ -2,7 +2,8 @@
 //
 // Each op has a C++ CPU version (*_cpu.cpp, at::parallel_for) and a CUDA version (*.cu); the plain
 // references they are tested against are gating(), permute() and combine() in nanosar/model.py, and
-// nanosar/moe_ops.py wraps the ops below as autograd Functions with the same signatures.
+// csrc/bindings.cpp registers the ops below as PyTorch custom operators (torch.ops.nanosar.*), and
+// nanosar/moe_ops.py adds their shape functions and autograd formulas.
 //
 // Shapes: T tokens, E experts, k experts per token, D width. Assignment a = t*k + j is token t's j-th
 // choice. "order" (T*k,) lists the assignments sorted by expert, stably: sorted row r holds a = order[r].
@@ -13,6 +14,7 @@
 
 #include <cmath>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #ifdef __CUDACC__
@@ -137,13 +139,18 @@ NANOSAR_HOST_DEVICE void gating_row_backward(const scalar_t* logits, int E, int 
 }
 
 // ---------------------------------------------------------------------------------------------
-// The ops. Returned lists:
-//   gating_forward  -> {expert_idx (T,k) int64, gates (T,k) acc, counts (E) int64, mean_prob (E) acc, z_loss () acc}
+// The ops. Returned tuples:
+//   gating_forward  -> {gates (T,k) acc, mean_prob (E) acc, z_loss () acc, expert_idx (T,k) int64, counts (E) int64}
+//                      (the float outputs first, unlike the reference: torch.library.opcheck's autograd test
+//                      adds up the outputs in the first one's dtype; moe_ops.gating returns the reference order)
 //   gating_backward -> grad_logits (T,E) in the logits' dtype
 //   permute_forward -> {x_sorted (T*k,D), order (T*k) int64, counts (E) int64}
 //   combine_forward -> y (T,D)
 //   combine_backward -> {grad_expert_out (T*k,D), grad_gates (T,k)}
 // acc is float for float/half/bfloat16 inputs and double for double.
+using GatingOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using PermuteOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+using CombineGrads = std::tuple<at::Tensor, at::Tensor>;
 //
 // Index checks (an index out of range must be an error, never a memory fault):
 //   permute: every expert id in [0, E); combine: order a permutation of [0, T*k).
@@ -151,31 +158,32 @@ NANOSAR_HOST_DEVICE void gating_row_backward(const scalar_t* logits, int E, int 
 //   CUDA: the kernels skip bad entries (no out-of-bounds access) and count them in a small device
 //   tensor, which the host reads after the launch: one 32-byte device-to-host copy, i.e. one stream
 //   synchronisation, per permute_forward, and per combine call with check_order = true. The autograd
-//   Functions of moe_ops.py pass check_order = false where order comes from permute_forward or was
+//   formulas of moe_ops.py pass check_order = false where order comes from permute_forward or was
 //   checked by the forward (permute's and combine's backward), so a training step pays two syncs per
 //   MoE layer. gating_backward ignores expert ids outside [0, E) on CUDA and rejects them on CPU.
+//   Inside torch.compile the ops are opaque calls, so these host reads cause no graph break.
 
-std::vector<at::Tensor> gating_forward_cpu(const at::Tensor& logits, int64_t top_k);
+GatingOutputs gating_forward_cpu(const at::Tensor& logits, int64_t top_k);
 at::Tensor gating_backward_cpu(const at::Tensor& logits, const at::Tensor& expert_idx, const at::Tensor& gates,
                                const at::Tensor& grad_gates, const at::Tensor& grad_mean_prob,
                                const at::Tensor& grad_z_loss);
-std::vector<at::Tensor> permute_forward_cpu(const at::Tensor& x, const at::Tensor& expert_idx, int64_t n_experts);
+PermuteOutputs permute_forward_cpu(const at::Tensor& x, const at::Tensor& expert_idx, int64_t n_experts);
 // (check_order: the CPU ops always check, it is there for the same signature as the CUDA ops)
 at::Tensor combine_forward_cpu(const at::Tensor& expert_out, const at::Tensor& gates, const at::Tensor& order,
                                bool check_order);
-std::vector<at::Tensor> combine_backward_cpu(const at::Tensor& grad_y, const at::Tensor& expert_out,
-                                             const at::Tensor& gates, const at::Tensor& order, bool check_order);
+CombineGrads combine_backward_cpu(const at::Tensor& grad_y, const at::Tensor& expert_out,
+                                  const at::Tensor& gates, const at::Tensor& order, bool check_order);
 
 #ifdef WITH_CUDA
-std::vector<at::Tensor> gating_forward_cuda(const at::Tensor& logits, int64_t top_k);
+GatingOutputs gating_forward_cuda(const at::Tensor& logits, int64_t top_k);
 at::Tensor gating_backward_cuda(const at::Tensor& logits, const at::Tensor& expert_idx, const at::Tensor& gates,
                                 const at::Tensor& grad_gates, const at::Tensor& grad_mean_prob,
                                 const at::Tensor& grad_z_loss);
-std::vector<at::Tensor> permute_forward_cuda(const at::Tensor& x, const at::Tensor& expert_idx, int64_t n_experts);
+PermuteOutputs permute_forward_cuda(const at::Tensor& x, const at::Tensor& expert_idx, int64_t n_experts);
 at::Tensor combine_forward_cuda(const at::Tensor& expert_out, const at::Tensor& gates, const at::Tensor& order,
                                 bool check_order);
-std::vector<at::Tensor> combine_backward_cuda(const at::Tensor& grad_y, const at::Tensor& expert_out,
-                                              const at::Tensor& gates, const at::Tensor& order, bool check_order);
+CombineGrads combine_backward_cuda(const at::Tensor& grad_y, const at::Tensor& expert_out,
+                                   const at::Tensor& gates, const at::Tensor& order, bool check_order);
 // "" if the kernels have a binary (or PTX) this device can run, else the CUDA error (e.g. no kernel image)
 std::string cuda_kernel_check(int64_t device_index);
 #endif

@@ -85,7 +85,7 @@ void gather_rows(const at::Tensor& x, const at::Tensor& order, int64_t k, at::Te
 
 }  // namespace
 
-std::vector<at::Tensor> permute_forward_cuda(const at::Tensor& x, const at::Tensor& expert_idx, int64_t n_experts) {
+PermuteOutputs permute_forward_cuda(const at::Tensor& x, const at::Tensor& expert_idx, int64_t n_experts) {
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t k = expert_idx.size(1), A = x.size(0) * k;
   const int E = static_cast<int>(n_experts);

@@ -7,7 +7,7 @@
 
 #include "moe_ops.h"
 
-std::vector<at::Tensor> permute_forward_cpu(const at::Tensor& x, const at::Tensor& expert_idx, int64_t n_experts) {
+PermuteOutputs permute_forward_cpu(const at::Tensor& x, const at::Tensor& expert_idx, int64_t n_experts) {
   const int64_t T = x.size(0), D = x.size(1), k = expert_idx.size(1), A = T * k;
   auto counts = at::zeros({n_experts}, expert_idx.options());
   auto order = at::empty({A}, expert_idx.options());

@@ -24,12 +24,17 @@ import json
 import os
 
 import numpy as np
+import torch
 
-from nanosar.files import (explain_os_error, remove_path, remove_stale_temporaries, replace_folder,
-                           restore_stale_backups, temporary_name)
-from nanosar.files import write_text_atomic  # noqa: F401  (re-exported: eval.py imports it from here)
-from nanosar.geotiff import GEOTIFF_TAGS, TiffWindows  # noqa: F401  (re-exported for eval.py, for now)
-from nanosar.units import UNITS  # model.py imports it from here, for now
+from nanosar.files import (
+    explain_os_error,
+    remove_path,
+    remove_stale_temporaries,
+    replace_folder,
+    restore_stale_backups,
+    temporary_name,
+)
+from nanosar.units import UNITS
 
 FORMAT_VERSION = 1
 IGNORE = 255
@@ -316,6 +321,7 @@ def check_suite_complete(root):
         raise ValueError(f"{path}: the suite is incomplete (prepare.py was interrupted or is still running); "
                          f"{rerun} (finished domains are kept)")
     domains = suite.get("domains") or sorted({b[k] for b in suite.get("benchmarks", []) for k in ("source", "target")})
+    domains = list(domains) + list(suite.get("extra_domains", []))
     for domain in domains:
         for split, n in tiles.items():
             split_path = os.path.join(root, domain, split)
@@ -434,8 +440,6 @@ def nearest_colours(rgb, palette, tolerance):
 def load_batch(split, indices):
     """Tiles `indices` of a Split as torch tensors: images (B, C, H, W) float32 in the split's unit,
     labels (B, H, W) int64. Indices are read in sorted order (sequential on disk), returned as asked."""
-    import torch
-
     indices = np.asarray(indices)
     order = np.argsort(indices)
     images = np.empty((len(indices), *split.images.shape[1:]), np.float16)
@@ -443,3 +447,87 @@ def load_batch(split, indices):
     images[order] = split.images[indices[order]]
     labels[order] = split.labels[indices[order]]
     return torch.from_numpy(images).float(), torch.from_numpy(labels).long()
+
+
+# -----------------------------------------------------------------------------
+# The training stream: every batch a function of (seed, position), so resume and DDP are exact
+
+
+class TileStream:
+    """The training tiles of one or more splits as one index space, read in a fresh permutation per
+    epoch. Position p of the stream is tile perm_{p // n}[p % n]: any batch is a function of
+    (seed, position) alone, which makes resume and the DDP/single-process equivalence exact."""
+
+    def __init__(self, splits, val_fraction, seed):
+        self.splits, self.seed = splits, seed
+        self.train, self.val = [], []  # (split index, tile index)
+        for s, split in enumerate(splits):
+            n_val = int(len(split) * val_fraction)
+            self.train += [(s, i) for i in range(len(split) - n_val)]
+            self.val += [(s, i) for i in range(len(split) - n_val, len(split))]
+        if not self.train:
+            raise ValueError(f"no training tiles in {[sp.path for sp in splits]}")
+        self._perm_epoch, self._perm = None, None
+
+    def tiles_at(self, start, count):
+        """(split, tile) pairs at stream positions start .. start + count - 1."""
+        out, n = [], len(self.train)
+        for p in range(start, start + count):
+            epoch = p // n
+            if epoch != self._perm_epoch:
+                self._perm = np.random.default_rng([self.seed, epoch]).permutation(n)
+                self._perm_epoch = epoch
+            out.append(self.train[self._perm[p % n]])
+        return out
+
+    def batch(self, start, count, augment):
+        """Images (B, C, H, W) float32 and labels (B, H, W) int64 at stream positions start...; flips and
+        90-degree rotations are drawn per position, so they too are reproducible."""
+        images, labels = read_tiles(self.splits, self.tiles_at(start, count))
+        if augment:
+            for b in range(count):
+                k = int(np.random.default_rng([self.seed, start + b, 7]).integers(8))
+                images[b], labels[b] = dihedral(images[b], k), dihedral(labels[b], k)
+        return images, labels
+
+
+def read_tiles(splits, pairs):
+    """(split, tile) pairs -> images (B, C, H, W) float32, labels (B, H, W) int64, in the pairs' order;
+    one batched read per split."""
+    images = torch.empty(len(pairs), *splits[0].images.shape[1:])
+    labels = torch.empty(len(pairs), *splits[0].labels.shape[1:], dtype=torch.long)
+    for s, split in enumerate(splits):
+        where = [b for b, (t, _) in enumerate(pairs) if t == s]
+        if where:
+            images[where], labels[where] = load_batch(split, [pairs[b][1] for b in where])
+    return images, labels
+
+
+def dihedral(x, k):
+    """One of the 8 flips/rotations of the square, on the last two dims."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
+
+def open_splits(folders, split_name):
+    """The prepared <folder>/<split_name> splits of one or more domains, to be used together: they must
+    share unit, channels, classes and tile size (ValueError naming the two that differ)."""
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"data folder {folder} does not exist (prepare it first: python prepare.py ...)")
+    splits = [Split(os.path.join(folder, split_name)) for folder in folders]
+    for sp in splits[1:]:
+        for key in ("unit", "channels", "class_names", "tile_shape"):
+            if sp.meta[key] != splits[0].meta[key]:
+                raise ValueError(f"{sp.path} has {key}={sp.meta[key]} but {splits[0].path} has "
+                                 f"{splits[0].meta[key]}: mixed datasets must share units, channels, classes "
+                                 f"and tile size")
+    return splits
+
+
+def channel_statistics(splits, max_tiles=256):
+    """Per-channel mean and std (tuples, in the data's unit) of up to max_tiles training tiles: the model's
+    input normalisation."""
+    images = np.concatenate([np.asarray(sp.images[: max_tiles // len(splits)], np.float64) for sp in splits])
+    mean, std = images.mean(axis=(0, 2, 3)), images.std(axis=(0, 2, 3))
+    return tuple(float(m) for m in mean), tuple(float(max(s, 1e-6)) for s in std)

@@ -13,8 +13,11 @@ and cleaned up at the next start. Process ids are only meaningful on one machine
 into one shared folder would see each other's temporaries as stale.
 """
 
+import csv
+import ctypes
 import errno
 import fcntl
+import io
 import os
 import re
 import shutil
@@ -204,3 +207,29 @@ class RunLock:
 
     def __exit__(self, *exc):
         self.release()
+
+
+def open_csv_log(path, header, resumed_at=None):
+    """A CSV log opened for appending rows whose first column is the iteration: new (with `header`), or,
+    when a run resumes from iteration `resumed_at`, cut back to the rows up to it (the later ones are
+    logged again), so a kill between two checkpoints never leaves repeated rows."""
+    if resumed_at is None or not os.path.exists(path):
+        f = open(path, "w", newline="")
+        csv.writer(f).writerow(header)
+        return f
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    text = io.StringIO()
+    csv.writer(text).writerows(rows[:1] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= resumed_at])
+    write_text_atomic(path, text.getvalue())
+    return open(path, "a", newline="")
+
+
+def release_freed_memory():
+    """Hand freed heap memory back to the OS (glibc's malloc_trim; nothing elsewhere). A long job that
+    frees and reallocates large buffers block after block (eval.py's scene prediction) otherwise keeps
+    the freed memory, and its resident size creeps up with the scene's size."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -172,6 +172,25 @@ def shift_geotags(geo, row, col):
 # 2. TIFF: windows of scenes larger than memory
 
 
+TAG_TYPES = {"ModelPixelScale": 12, "ModelTiepoint": 12, "ModelTransformation": 12, "GeoKeyDirectory": 3,
+             "GeoDoubleParams": 12, "GeoAsciiParams": 2}   # TIFF types: 12 double, 3 short, 2 ascii
+
+
+def write_tiled_geotiff(path, tiles, shape, tile, geo, nodata):
+    """Write a (H, W) uint8 GeoTIFF tile by tile: `tiles` yields (tile, tile) arrays in row-major tile order
+    (so memory stays one tile), deflate-compressed, with the georeferencing tags `geo` (geotiff_tags of
+    the input) and GDAL_NODATA = nodata. BigTIFF when the image passes 2 GiB."""
+    import tifffile
+
+    codes = {name: code for code, name in GEOTIFF_TAGS.items()}
+    extratags = [(codes[name], TAG_TYPES[name], 0 if TAG_TYPES[name] == 2 else len(value), value, True)
+                 for name, value in geo.items() if name in TAG_TYPES]
+    extratags.append((codes["GDAL_NODATA"], 2, 0, str(nodata), True))
+    with tifffile.TiffWriter(path, bigtiff=shape[0] * shape[1] > 2**31) as writer:
+        writer.write(tiles, shape=shape, dtype=np.uint8, tile=(tile, tile), compression="zlib", extratags=extratags,
+                     photometric="minisblack")
+
+
 class TiffWindows:
     """Windows of a large (Geo)TIFF with bounded memory: an uncompressed contiguous image is memory-
     mapped; a striped or tiled (compressed) one is read strip by strip or tile by tile, decoding only

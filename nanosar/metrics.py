@@ -1,6 +1,6 @@
 """
 Segmentation metrics with mmseg's IoUMetric semantics, from a confusion matrix accumulated in int64 on
-the device (and summed across DDP ranks by the caller with one all_reduce).
+the device, and the one evaluation loop that train.py and eval.py share (summed across DDP ranks).
 """
 
 import torch
@@ -39,3 +39,37 @@ def segmentation_scores(cm):
         "mean_f1": f1[present].mean().item() if present.any() else float("nan"),
         "accuracy": (tp.sum() / cm.sum()).item() if cm.sum() > 0 else float("nan"),
     }
+
+
+@torch.no_grad()
+def evaluate(model, batches, device, world=1, logits_of=None):
+    """Scores of a Segmenter on `batches`, an iterable of (images (B, C, H, W), labels (B, H, W)), plus the
+    per-block expert-load fractions (L, E) and the mean raw descriptors [H_DE, ENL, R_LR] of the images.
+
+    The one evaluation loop of train.py and eval.py. logits_of(images) -> (B, K, H, W) replaces the
+    whole-tile forward (eval.py's sliding windows; no routing statistics then). Under DDP (world > 1)
+    each process passes its own share of the tiles, any number of them: the only collective is the
+    final sum of the confusion matrix and the statistics.
+    """
+    cfg = model.cfg
+    K = cfg.num_classes
+    cm = torch.zeros(K, K, dtype=torch.long, device=device)
+    load = torch.zeros((cfg.depth, cfg.n_experts) if cfg.n_experts > 1 else (0, 1), dtype=torch.long, device=device)
+    descriptors = torch.zeros(3, dtype=torch.float64, device=device)
+    tiles = torch.zeros((), dtype=torch.float64, device=device)
+    for images, labels in batches:
+        images, labels = images.to(device), labels.to(device)
+        if logits_of is None:
+            out = model(images)
+            logits, load, descriptors = out.logits, load + out.expert_load, descriptors + out.descriptors.double().sum(0)
+        else:
+            logits = logits_of(images)
+        cm += confusion_matrix(logits.argmax(1), labels, K)
+        tiles += len(images)
+    if world > 1:
+        for t in (cm, load, descriptors, tiles):
+            torch.distributed.all_reduce(t)
+    fractions = (load.double() / load.sum(1, keepdim=True).clamp_min(1)).tolist()
+    seen = tiles.clamp_min(1) if logits_of is None else torch.ones_like(tiles)
+    return {**segmentation_scores(cm), "expert_load": fractions if logits_of is None else [],
+            "mean_descriptors": (descriptors / seen).tolist(), "tiles": int(tiles.item())}

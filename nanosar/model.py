@@ -5,20 +5,18 @@ The CrossEarth-SAR segmentation model in one file, read top to bottom as the dat
     2. the three SAR physical descriptors (directional entropy, ENL, local roughness)
     3. attention, the dense FFN, LayerScale, drop path
     4. the physics-guided router (token || descriptors -> softmax -> top-k)
-    5. the sparse MoE FFN and its dispatch (loop reference, sorted/grouped, csrc/ kernels)
+    5. the sparse MoE FFN: a reference dispatch and a fast one (permute, grouped FFN, combine)
     6. the transformer block and the DINOv2-layout ViT backbone
     7. the segmentation head (UperNet-style FPN) and the Segmenter
-    8. upcycling from a local facebookresearch/dinov2 checkpoint
 
-Reference: CrossEarth-SAR (arXiv 2603.12008). Notation: B batch, C input channels, H W image size,
-N tokens per image, T = B*N tokens in a batch, D width, Dh expert hidden width, E experts,
-k experts per token, K classes, L transformer blocks.
+Reference: CrossEarth-SAR (arXiv 2603.12008); the physics behind sections 2 and 4 is in the README.
+Notation: B batch, C input channels, H W image size, N tokens per image, T = B*N tokens in a batch,
+D width, Dh expert hidden width, E experts, k experts per token, K classes, L transformer blocks.
+Upcycling from DINOv2 checkpoints lives in nanosar/dinov2.py, the MoE kernels in nanosar/moe_ops.py.
 """
 
-import contextlib
 import math
-import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -26,14 +24,10 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from nanosar import moe_ops
-from nanosar.data import UNITS
+from nanosar.units import UNITS
 
 # -----------------------------------------------------------------------------
 # 1. Configuration
-
-
-INPUT_UNITS = UNITS  # intensity, amplitude, db, complex (re, im), real or imag part: see nanosar/data.py
-MOE_DISPATCH = ("auto", "kernels", "grouped", "loop")
 
 
 @dataclass
@@ -42,8 +36,8 @@ class SARConfig:
 
     # input contract: what a pixel is
     img_size: int = 512               # training tile size in pixels (position embedding grid = img_size // patch_size)
-    in_chans: int = 1                 # 1, 2 or 4 polarizations, or 2 for complex (real, imag)
-    input_unit: str = "db"            # one of INPUT_UNITS: linear intensity, linear amplitude, dB, or complex re/im
+    in_chans: int = 1                 # polarizations (1, 2 or 4), or 2 for complex (real, imag)
+    input_unit: str = "db"            # one of nanosar.units.UNITS: intensity, amplitude, dn, db, complex, real, imag
     channels: tuple = ()              # optional channel names in order, e.g. ("VV", "VH") or ("re", "im")
     pixel_mean: tuple = ()            # per-channel mean subtracted before the ViT (in input_unit); () = 0
     pixel_std: tuple = ()             # per-channel std the ViT input is divided by; () = 1
@@ -64,7 +58,8 @@ class SARConfig:
     roughness_block: int = 16         # block size in pixels for the local roughness
     balance_loss_weight: float = 0.005  # Switch load-balance loss weight (paper: 0.005)
     router_z_loss_weight: float = 0.001  # ST-MoE router z-loss weight (not in the paper; 0 disables)
-    moe_dispatch: str = "auto"        # "auto" (extension if built, else "grouped"), "kernels", "grouped" or "loop"
+    moe_dispatch: str = "fast"        # "fast": csrc/ kernels where built, else grouped PyTorch; "reference": a loop
+    gate: str = "renorm"              # "renorm" (paper), "softmax" (Switch) or "straight_through": see route()
     # segmentation head
     num_classes: int = 7
     class_names: tuple = ()           # optional names of the classes, in id order (part of the contract)
@@ -72,55 +67,31 @@ class SARConfig:
     feature_layers: tuple = ()        # 4 block indices whose outputs feed the head; () = evenly spaced
 
     def __post_init__(self):
-        def bad(msg):
-            raise ValueError(f"SARConfig: {msg}")
-
-        if self.input_unit not in INPUT_UNITS:
-            bad(f"input_unit must be one of {INPUT_UNITS}, got {self.input_unit!r}")
-        if self.input_unit == "complex" and self.in_chans != 2:
-            bad(f"complex input needs in_chans=2 (real, imag), got {self.in_chans}")
-        if self.in_chans not in (1, 2, 4):
-            bad(f"in_chans must be 1, 2 or 4 (polarizations) or 2 (complex re/im), got {self.in_chans}")
-        if self.class_names and len(self.class_names) != self.num_classes:
-            bad(f"class_names has {len(self.class_names)} entries for num_classes={self.num_classes}")
-        self.class_names = tuple(self.class_names)
-        for name in ("channels", "pixel_mean", "pixel_std"):
-            value = tuple(getattr(self, name))
-            if value and len(value) != self.in_chans:
-                bad(f"{name} has {len(value)} entries for in_chans={self.in_chans}")
-            setattr(self, name, value)  # lists (from JSON) become tuples
-        if any(s <= 0 for s in self.pixel_std):
-            bad(f"pixel_std must be positive, got {self.pixel_std}")
-        if self.patch_size < 1 or self.img_size % self.patch_size:
-            bad(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
-        if self.embed_dim % self.num_heads:
-            bad(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        if self.depth < 1 or self.mlp_ratio <= 0:
-            bad(f"depth must be >= 1 and mlp_ratio > 0, got {self.depth}, {self.mlp_ratio}")
-        if not 1 <= self.top_k <= self.n_experts:
-            bad(f"top_k must be in [1, n_experts={self.n_experts}], got {self.top_k}")
-        if self.descriptor_dim not in (0, 3):
-            bad(f"descriptor_dim must be 3 (physics router) or 0 (token-only router), got {self.descriptor_dim}")
-        if self.entropy_bins < 2 or self.roughness_block < 1:
-            bad("entropy_bins must be >= 2 and roughness_block >= 1")
-        if self.img_size < 2 * self.roughness_block:
-            bad(f"img_size {self.img_size} must hold at least 2x2 roughness blocks of {self.roughness_block}")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            bad(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
-        if self.layerscale_init < 0 or self.balance_loss_weight < 0 or self.router_z_loss_weight < 0:
-            bad("layerscale_init and the loss weights must be >= 0")
-        if self.moe_dispatch not in MOE_DISPATCH:
-            bad(f"moe_dispatch must be one of {MOE_DISPATCH}, got {self.moe_dispatch!r}")
-        if self.num_classes < 1 or self.head_dim < 8 or self.head_dim % 8:
-            bad(f"num_classes must be >= 1 and head_dim a positive multiple of 8, got {self.head_dim}")
-        layers = tuple(self.feature_layers) or self.default_feature_layers()
-        if len(layers) != 4 or any(not 0 <= i < self.depth for i in layers):
-            bad(f"feature_layers must be 4 block indices in [0, {self.depth}), got {layers}")
-        self.feature_layers = layers
-
-    def default_feature_layers(self):
-        """Four evenly spaced blocks ending with the last: ViT-S/B (12) -> 2,5,8,11; ViT-L (24) -> 5,11,17,23."""
-        return tuple(self.depth * (i + 1) // 4 - 1 for i in range(4))
+        """Checks of the values that would otherwise go wrong silently; lists from JSON become tuples."""
+        for name in ("channels", "pixel_mean", "pixel_std", "class_names", "feature_layers"):
+            setattr(self, name, tuple(getattr(self, name)))
+        self.feature_layers = self.feature_layers or tuple(self.depth * (i + 1) // 4 - 1 for i in range(4))
+        problems = [
+            (self.input_unit not in UNITS, f"input_unit must be one of {UNITS}, got {self.input_unit!r}"),
+            (self.input_unit == "complex" and self.in_chans != 2, "complex input needs in_chans=2 (real, imag)"),
+            (any(len(v) not in (0, self.in_chans) for v in (self.channels, self.pixel_mean, self.pixel_std)),
+             f"channels, pixel_mean and pixel_std need in_chans={self.in_chans} entries (or none)"),
+            (any(s <= 0 for s in self.pixel_std), f"pixel_std must be positive, got {self.pixel_std}"),
+            (len(self.class_names) not in (0, self.num_classes),
+             f"class_names has {len(self.class_names)} entries for num_classes={self.num_classes}"),
+            (self.img_size % self.patch_size, f"img_size {self.img_size} is not a multiple of patch {self.patch_size}"),
+            (not 1 <= self.top_k <= self.n_experts, f"top_k must be in [1, n_experts={self.n_experts}]"),
+            (min(self.balance_loss_weight, self.router_z_loss_weight) < 0, "the loss weights must be >= 0"),
+            (self.moe_dispatch not in ("fast", "reference"), f"moe_dispatch must be fast or reference, "
+                                                              f"got {self.moe_dispatch!r}"),
+            (self.gate not in ("renorm", "softmax", "straight_through"), f"gate must be renorm, softmax or "
+                                                                         f"straight_through, got {self.gate!r}"),
+            (len(self.feature_layers) != 4 or not all(0 <= i < self.depth for i in self.feature_layers),
+             f"feature_layers must be 4 block indices in [0, {self.depth}), got {self.feature_layers}"),
+        ]
+        for wrong, message in problems:
+            if wrong:
+                raise ValueError(f"SARConfig: {message}")
 
     @property
     def hidden_dim(self):
@@ -146,15 +117,14 @@ PRESETS = {
 # -----------------------------------------------------------------------------
 # 2. SAR physical descriptors (paper Sec. 3, "Physical Mechanism Router")
 #
-# Each is one scalar per image, computed on X' = log(1 + |X|) of a single-band magnitude image.
-# The paper does not fix bins, block size or normalisation; nanosar's choices are documented here
-# and exposed in SARConfig (entropy_bins, roughness_block).
+# One scalar each per image, on X' = log(1 + |X|) of the magnitude image, over its valid pixels: a pixel
+# whose magnitude is exactly 0 is no-data (the zero-filled border of a real scene), never a measurement.
 
 
 def sar_magnitude(x, input_unit):
     """(B, C, H, W) pixels in `input_unit` -> (B, H, W) one non-negative magnitude image per sample.
 
-    intensity / amplitude / real / imag: channel mean of |x| (linear units as given); db: channel mean
+    intensity / amplitude / dn / real / imag: channel mean of |x| (linear, as given); db: channel mean
     of the linear intensity 10^(x/10); complex: amplitude sqrt(re^2 + im^2) of the (re, im) pair.
     """
     if input_unit == "complex":
@@ -164,87 +134,72 @@ def sar_magnitude(x, input_unit):
     return x.abs().mean(dim=1)                          # (B, H, W) as given
 
 
-def float32_region(x):
-    """Context that turns autocast off so the code inside runs in float32 (no autocast on 'meta')."""
-    if x.device.type == "meta":
-        return contextlib.nullcontext()
-    return torch.autocast(x.device.type, enabled=False)
-
-
 SOBEL_X = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
 
 
-def directional_entropy(img, n_bins=18):
-    """Entropy (nats) of the Sobel gradient-orientation histogram. img: (B, H, W) -> (B,).
+def directional_entropy(img, n_bins=18, valid=None):
+    """Entropy (nats) of the Sobel gradient-orientation histogram. img, valid (or None: all): (B, H, W) -> (B,).
 
-    Orientations are undirected (theta mod pi, so a bright-to-dark and a dark-to-bright edge count the
-    same), split into n_bins equal bins over [0, pi), and each pixel votes with its gradient magnitude,
-    so flat areas do not vote. Range [0, ln n_bins]: ~0 for one straight edge, ln n_bins for isotropic
-    texture such as pure speckle. An image with no gradient at all gets 0; one with a NaN or inf pixel
-    gets NaN (never an out-of-range bin).
+    Orientations are undirected (theta mod pi), split into n_bins bins over [0, pi), and each pixel whose
+    3x3 neighbourhood is valid votes with its gradient magnitude (flat areas do not vote). Range [0, ln
+    n_bins]: ~0 for one straight edge, ln n_bins for isotropic speckle; 0 with no gradient at all; NaN
+    for a NaN or inf pixel (never an out-of-range bin).
     """
     kx = SOBEL_X.to(img)[None, None]                    # (1, 1, 3, 3)
-    ky = kx.transpose(2, 3)                             # Sobel y = transpose of Sobel x
     gx = F.conv2d(img[:, None], kx)[:, 0]               # (B, H-2, W-2), "valid": no padding artefacts
-    gy = F.conv2d(img[:, None], ky)[:, 0]
-    magnitude = torch.sqrt(gx**2 + gy**2).flatten(1)     # (B, P)
-    theta = torch.remainder(torch.atan2(gy, gx), math.pi).flatten(1)  # (B, P) in [0, pi), NaN where img is not finite
-    # a NaN must never become an index (NaN.long() is garbage): bin 0 for it, its NaN magnitude makes H NaN
+    gy = F.conv2d(img[:, None], kx.transpose(2, 3))[:, 0]  # Sobel y = transpose of Sobel x
+    magnitude = torch.sqrt(gx**2 + gy**2)                               # (B, H-2, W-2)
+    if valid is not None:                                               # only pixels whose 3x3 are all valid
+        magnitude = magnitude * -F.max_pool2d(-valid[:, None].to(img), 3, stride=1)[:, 0]
+    magnitude = magnitude.flatten(1)                                    # (B, P)
+    theta = torch.remainder(torch.atan2(gy, gx), math.pi).flatten(1)   # (B, P) in [0, pi)
     bins = torch.nan_to_num(theta * (n_bins / math.pi), nan=0.0).long().clamp_(0, n_bins - 1)
     hist = img.new_zeros(img.shape[0], n_bins).scatter_add_(1, bins, magnitude)  # (B, n_bins)
     p = hist / hist.sum(dim=1, keepdim=True).clamp_min(1e-12)
     return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=1)  # 0 log 0 = 0
 
 
-def equivalent_number_of_looks(img):
-    """ENL = (mean / std)^2 over each whole image. img: (B, H, W) -> (B,). Unitless.
+def equivalent_number_of_looks(img, valid=None):
+    """ENL = (mean / std)^2 over each image's valid pixels. img, valid (or None: all): (B, H, W) -> (B,).
 
-    On linear intensity of a homogeneous area this is the physical ENL (= L for L-look Gamma speckle).
-    On log(1+|x|) it is a texture statistic: for small intensities (x << 1) log1p is nearly the
-    identity and ENL stays ~L, but for large values (DN, 8-bit) the log compresses the spread and the
-    value grows far above L. A constant image gives a large finite value (variance floored at 1e-12).
+    On the linear intensity of a homogeneous area this is the physical ENL (= L for L-look speckle); on
+    X' it is a texture statistic. A constant image gives a large finite value (variance floored at 1e-12).
     """
-    mean = img.mean(dim=(1, 2))
-    var = img.var(dim=(1, 2), unbiased=False)
+    w = torch.ones_like(img) if valid is None else valid.to(img)
+    n = w.sum(dim=(1, 2)).clamp_min(1)
+    mean = (img * w).sum(dim=(1, 2)) / n
+    var = (((img - mean[:, None, None]) ** 2) * w).sum(dim=(1, 2)) / n
     return mean**2 / var.clamp_min(1e-12)
 
 
-def local_roughness(img, block=16):
-    """Variance of the means of non-overlapping block x block pixel blocks. img: (B, H, W) -> (B,).
+def local_roughness(img, block=16, valid=None):
+    """Variance of the means of non-overlapping block x block pixel blocks. img, valid: (B, H, W) -> (B,).
 
-    Units of img squared. 0 for a constant image; large when the scene changes at the block scale
-    (heterogeneous terrain), small when only pixel-scale speckle varies. Rows and columns beyond the
-    last whole block are ignored.
+    Units of img squared: 0 for a constant image, large when the scene changes at the block scale. Blocks
+    less than half valid are left out; rows and columns beyond the last whole block are ignored.
     """
-    block_means = F.avg_pool2d(img[:, None], block)   # (B, 1, H//block, W//block)
-    return block_means.flatten(1).var(dim=1, unbiased=False)
+    w = (torch.ones_like(img) if valid is None else valid.to(img))[:, None]   # (B, 1, H, W)
+    share = F.avg_pool2d(w, block).flatten(1)                                   # (B, nb) valid share per block
+    means = F.avg_pool2d(img[:, None] * w, block).flatten(1) / share.clamp_min(1e-12)
+    used = (share >= 0.5).to(img)
+    n = used.sum(dim=1).clamp_min(1)
+    mean = (means * used).sum(dim=1, keepdim=True) / n[:, None]
+    return (((means - mean) ** 2) * used).sum(dim=1) / n
 
 
 def sar_descriptors(x, cfg):
-    """The paper's s = [H_DE, ENL, R_LR] per image. x: (B, C, H, W) in cfg.input_unit -> (B, 3) raw values.
-
-    All three are computed on X' = log(1 + |X|) of the magnitude image (see sar_magnitude), in float32,
-    without gradient.
-    """
-    with torch.no_grad(), float32_region(x):
-        img = torch.log1p(sar_magnitude(x.float(), cfg.input_unit))  # (B, H, W) X'
-        return torch.stack(
-            [
-                directional_entropy(img, cfg.entropy_bins),
-                equivalent_number_of_looks(img),
-                local_roughness(img, cfg.roughness_block),
-            ],
-            dim=1,
-        )
+    """The paper's s = [H_DE, ENL, R_LR] per image. x: (B, C, H, W) in cfg.input_unit -> (B, 3) raw values,
+    on X' = log(1 + |X|) of the magnitude image (sar_magnitude), in float32, without gradient."""
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        magnitude = sar_magnitude(x.float(), cfg.input_unit)                   # (B, H, W)
+        img, valid = torch.log1p(magnitude), magnitude != 0                    # X', no-data = exactly 0
+        return torch.stack([directional_entropy(img, cfg.entropy_bins, valid), equivalent_number_of_looks(img, valid),
+                            local_roughness(img, cfg.roughness_block, valid)], dim=1)
 
 
 def router_features(s, n_bins):
-    """Raw descriptors (B, 3) -> router inputs (B, 3) of order one.
-
-    Entropy is divided by its maximum ln(n_bins) -> [0, 1]. ENL and roughness span orders of magnitude
-    across sensors (ENL 1 vs 50, roughness 1e-5 vs 1), so the router sees their logarithms, clamped so
-    that a constant image stays finite: ln(ENL) in [-6.9, 9.2], ln(R + 1e-6) in [-13.8, ...].
-    """
+    """Raw descriptors (B, 3) -> router inputs (B, 3) of order one: H / ln(n_bins) in [0, 1], ln ENL clamped
+    to [-6.9, 9.2] and ln(R + 1e-6), since ENL and roughness span orders of magnitude across sensors."""
     entropy, enl, roughness = s.unbind(dim=1)
     return torch.stack(
         [entropy / math.log(n_bins), torch.log(enl.clamp(1e-3, 1e4)), torch.log(roughness + 1e-6)], dim=1
@@ -316,7 +271,7 @@ class Routing:
 
 
 def tokens_per_expert(expert_idx, n_experts):
-    """Histogram of expert ids. expert_idx: (T, k) int64 -> (E,) int64. (scatter_add, so meta tensors work.)"""
+    """Histogram of expert ids. expert_idx: (T, k) int64 -> (E,) int64."""
     flat = expert_idx.reshape(-1)
     return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
@@ -377,13 +332,20 @@ def balance_loss_over_blocks(counts, mean_prob):
     return switch_balance_loss(counts, mean_prob).mean()
 
 
-def route(logits, top_k, gating_fn=gating):
+def route(logits, top_k, gating_fn=gating, gate="renorm"):
     """Router logits (T, E) -> Routing, with gating_fn the reference above or the extension's kernel.
 
-    The balance loss uses this call's own counts: no collective here (a forward that all-reduces hangs
-    as soon as the processes do not all run it, e.g. in evaluation); see balance_loss_over_blocks.
+    gate: "renorm" (the top-k probabilities renormalised: 1 for k = 1, so the task loss sends the router no
+    gradient), "softmax" (Switch: the raw probability of each chosen expert), "straight_through" (renorm's
+    values, with the gradient of the chosen probabilities: g + (p - p.detach()), which unlike g p / p.detach()
+    stays finite when a probability underflows to 0). The balance loss uses this
+    call's own counts: no collective here (a forward that all-reduces hangs as soon as the processes do not
+    all run it, e.g. in evaluation); see balance_loss_over_blocks.
     """
     expert_idx, gates, counts, mean_prob, z_loss = gating_fn(logits, top_k)
+    if gate != "renorm":
+        chosen = logits.float().softmax(dim=-1).gather(1, expert_idx)                 # (T, k) probabilities
+        gates = chosen if gate == "softmax" else gates.detach() + (chosen - chosen.detach())  # + exactly 0
     return Routing(expert_idx, gates, switch_balance_loss(counts, mean_prob), z_loss, counts, mean_prob)
 
 
@@ -397,7 +359,7 @@ class PhysicsRouter(nn.Module):
 
     def forward(self, z, s):
         """z: (B, N, D) tokens, s: (B, 3) router features or None -> logits (B*N, E) float32."""
-        with float32_region(z):
+        with torch.autocast(z.device.type, enabled=False):
             W, b = self.linear.weight.float(), self.linear.bias.float()
             logits = F.linear(z.float(), W[:, : self.dim], b)                  # (B, N, E)
             if s is not None:
@@ -411,8 +373,12 @@ class PhysicsRouter(nn.Module):
 #
 # Experts are stored stacked: w1 (E, D, Dh), b1 (E, Dh), w2 (E, Dh, D), b2 (E, D); expert e computes
 # gelu(x @ w1[e] + b1[e]) @ w2[e] + b2[e], the same function as the dense Mlp with fc1.weight = w1[e].T.
-# dispatch(x, expert_idx, gates) -> y sends each token to its k experts and sums the gated outputs:
+# A dispatch sends each token to its k experts and sums the gated outputs:
 #   y[t] = sum_j gates[t, j] * expert_{expert_idx[t, j]}(x[t])
+# dispatch_reference loops over the experts (obviously correct); dispatch_sorted is the fast path
+# (megablocks' decomposition): permute the tokens so each expert's rows are contiguous, run all
+# experts as one grouped matmul, combine back. permute / combine / gating below are the references of
+# the csrc/ kernels, which the fast path uses on the devices where the extension runs.
 
 
 def expert_ffn(x, w1, b1, w2, b2):
@@ -420,56 +386,19 @@ def expert_ffn(x, w1, b1, w2, b2):
     return torch.addmm(b2, F.gelu(torch.addmm(b1, x, w1)), w2)
 
 
-def dispatch_loop(x, expert_idx, gates, w1, b1, w2, b2):
-    """Reference dispatch: for each expert, gather its tokens, run it, scatter-add the gated output.
-
-    x: (T, D), expert_idx: (T, k) int64, gates: (T, k) -> (T, D). Obviously correct, E small matmuls.
-    """
+def dispatch_reference(x, expert_idx, gates, w1, b1, w2, b2):
+    """For each expert, gather its tokens, run it, scatter-add the gated output.
+    x: (T, D), expert_idx: (T, k) int64, gates: (T, k) -> (T, D)."""
     y = torch.zeros_like(x)
     for e in range(w1.shape[0]):
         token, slot = torch.where(expert_idx == e)            # (n_e,), (n_e,)
-        if token.numel() == 0:
-            continue
         out = expert_ffn(x[token], w1[e], b1[e], w2[e], b2[e])  # (n_e, D)
         y = y.index_add(0, token, out * gates[token, slot, None].to(out.dtype))
     return y
 
 
-def grouped_mm_supported(x):
-    """torch._grouped_mm runs fast kernels for bf16 on sm90+ GPUs (H100/H200); elsewhere use slices.
-
-    Meta tensors also go through it (bf16), so that shape checks of the large presets need no memory.
-    """
-    if x.dtype != torch.bfloat16:
-        return False
-    if x.is_meta:
-        return True
-    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
-
-
-def grouped_expert_ffn(x_sorted, expert_of_row, counts, w1, b1, w2, b2, use_grouped_mm=None):
-    """All experts on expert-contiguous rows. x_sorted: (S, D) grouped by expert, counts: (E,) -> (S, D).
-
-    One grouped matmul per layer where torch._grouped_mm is supported; otherwise one matmul per
-    expert on its contiguous slice (no Python loop over tokens, E matmuls, one host sync for sizes).
-    use_grouped_mm: None = where it is fast (grouped_mm_supported); True forces it (it also runs on CPU
-    in float32 when rows are multiples of 16 bytes: the tests compare it with the slices there).
-    """
-    if use_grouped_mm is None:
-        use_grouped_mm = grouped_mm_supported(x_sorted)
-    if use_grouped_mm:
-        offsets = counts.cumsum(0).to(torch.int32)                               # (E,) end row of each group
-        # biases: row r needs b[expert_of_row[r]]. Gathering them would build an (S, Dh) tensor; a matmul
-        # with the rows' one-hot expert matrix, added in place to the grouped matmul's output, does not
-        onehot = x_sorted.new_zeros(x_sorted.shape[0], w1.shape[0]).scatter_(1, expert_of_row[:, None], 1.0)  # (S, E)
-        h = torch._grouped_mm(x_sorted, w1, offs=offsets).addmm_(onehot, b1)     # (S, Dh) x w1[e] + b1[e]
-        return torch._grouped_mm(F.gelu(h), w2, offs=offsets).addmm_(onehot, b2)  # (S, D)
-    slices = x_sorted.split(counts.tolist())                                     # E x (n_e, D)
-    return torch.cat([expert_ffn(xs, w1[e], b1[e], w2[e], b2[e]) for e, xs in enumerate(slices)])
-
-
 def permute(x, expert_idx, n_experts):
-    """Reference permute (csrc/permute*.c*): copy token rows into an expert-contiguous buffer.
+    """Reference permute (csrc/permute*): copy token rows into an expert-contiguous buffer.
 
     x: (T, D), expert_idx: (T, k) int64 -> x_sorted (T*k, D), order (T*k,) int64, counts (E,) int64.
     Assignment a = t*k + j is token t's j-th expert; sorted row r holds assignment order[r], rows of
@@ -481,65 +410,36 @@ def permute(x, expert_idx, n_experts):
 
 
 def combine(expert_out, gates, order):
-    """Reference combine (csrc/combine*.c*): gated sum of each token's k expert outputs, in token order.
-
-    expert_out: (T*k, D) rows in sorted order, gates: (T, k), order: (T*k,) from permute -> y (T, D)
-    with y[t] = sum_j gates[t, j] * expert_out[row of assignment t*k + j].
-    """
+    """Reference combine (csrc/combine*): gated sum of each token's k expert outputs, in token order.
+    expert_out: (T*k, D) sorted rows, gates: (T, k), order: (T*k,) -> y (T, D), y[t] = sum_j g[t, j] out[t*k+j]."""
     T, k = gates.shape
     weighted = expert_out * gates.reshape(-1)[order, None].to(expert_out.dtype)  # (T*k, D)
     return expert_out.new_zeros(T, expert_out.shape[1]).index_add(0, order // k, weighted)
 
 
-def dispatch_grouped(x, expert_idx, gates, w1, b1, w2, b2, permute=permute, combine=combine):
-    """Sorted dispatch (the megablocks decomposition): permute, grouped FFN, combine.
-
-    x: (T, D), expert_idx: (T, k) int64, gates: (T, k) -> (T, D). Same result as dispatch_loop.
-    permute and combine are the references above or the extension's kernels (dispatch_kernels).
-    """
-    x_sorted, order, counts = permute(x, expert_idx, w1.shape[0])                # (T*k, D), (T*k,), (E,)
-    expert_of_row = expert_idx.reshape(-1)[order]                                # (T*k,)
-    out = grouped_expert_ffn(x_sorted, expert_of_row, counts, w1, b1, w2, b2)    # (T*k, D)
-    return combine(out, gates, order)                                            # (T, D)
-
-
-def dispatch_kernels(x, expert_idx, gates, w1, b1, w2, b2):
-    """dispatch_grouped with the permute and combine kernels of the C++/CUDA extension (nanosar.moe_ops)."""
-    return dispatch_grouped(x, expert_idx, gates, w1, b1, w2, b2, permute=moe_ops.permute, combine=moe_ops.combine)
-
-
-def moe_functions(choice, x, n_experts=1, top_k=1):
-    """The (gating, dispatch) pair for SARConfig.moe_dispatch, for an MoE layer on x's device.
-
-    "loop" and "grouped" are the pure-PyTorch references. "kernels" uses the extension and raises if it
-    cannot run here; "auto" uses it when it can (CUDA kernels on CUDA tensors, C++ on CPU tensors) and
-    otherwise falls back to "grouped" with one line on stderr per reason: extension not built or built
-    without CUDA, no kernel image for this GPU, top_k or n_experts beyond the kernels' limits (see
-    moe_ops.unsupported_reason). The meta device always takes "grouped", silently.
-    """
-    if choice == "loop":
-        return gating, dispatch_loop
-    if choice == "grouped":
-        return gating, dispatch_grouped
-    reason = moe_ops.unsupported_reason(x, n_experts, top_k)
-    if reason is None:
-        kind = "CUDA" if x.is_cuda else "C++"
-        moe_ops.log_once(f"nanosar: MoE ops on {x.device.type}: {kind} kernels of {moe_ops.load_extension().__name__}")
-        return moe_ops.gating, dispatch_kernels
-    if choice == "kernels":
-        raise RuntimeError(f"moe_dispatch='kernels' but {reason}")
-    if not x.is_meta:
-        moe_ops.log_once(f"nanosar: MoE ops on {x.device.type}: pure-PyTorch reference, because {reason}")
-    return gating, dispatch_grouped
+def dispatch_sorted(x, expert_idx, gates, w1, b1, w2, b2, kernels=False):
+    """permute -> all experts as grouped matmuls -> combine; with kernels, permute and combine are the
+    extension's. x: (T, D), expert_idx: (T, k) int64, gates: (T, k) -> (T, D), as dispatch_reference.
+    Group sizes stay on the device (no host sync in this function: torch.compile takes it whole)."""
+    permute_fn, combine_fn = (moe_ops.permute, moe_ops.combine) if kernels else (permute, combine)
+    x_sorted, order, counts = permute_fn(x, expert_idx, w1.shape[0])            # (T*k, D), (T*k,), (E,)
+    offsets = counts.cumsum(0)                                                   # (E,) end row of each expert
+    h = F.gelu(moe_ops.grouped_linear(x_sorted, w1, b1, offsets))                # (T*k, Dh)
+    return combine_fn(moe_ops.grouped_linear(h, w2, b2, offsets), gates, order)  # (T, D)
 
 
 class MoEFFN(nn.Module):
-    """Physics-guided sparse MoE that replaces a block's FFN. (B, N, D), (B, 3) -> (B, N, D), Routing."""
+    """Physics-guided sparse MoE that replaces a block's FFN. (B, N, D), (B, 3) -> (B, N, D), Routing.
 
-    def __init__(self, dim, hidden_dim, n_experts, top_k, descriptor_dim, dispatch="auto"):
+    The kernels' devices are chosen once, here (kernel_devices: where the extension runs for this E and
+    k); forward only asks whether the input's device is one of them.
+    """
+
+    def __init__(self, dim, hidden_dim, n_experts, top_k, descriptor_dim, dispatch="fast", gate="renorm"):
         super().__init__()
-        self.top_k = top_k
-        self.dispatch = dispatch
+        self.top_k, self.gate = top_k, gate
+        self.reference = dispatch == "reference"
+        self.kernel_devices = frozenset() if self.reference else moe_ops.kernel_devices(n_experts, top_k)
         self.router = PhysicsRouter(dim, descriptor_dim, n_experts)
         self.w1 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
         self.b1 = nn.Parameter(torch.zeros(n_experts, hidden_dim))
@@ -550,14 +450,16 @@ class MoEFFN(nn.Module):
 
     def forward(self, z, s=None):
         B, N, D = z.shape
-        gating_fn, dispatch_fn = moe_functions(self.dispatch, z, self.w1.shape[0], self.top_k)
-        routing = route(self.router(z, s), self.top_k, gating_fn)    # expert_idx, gates: (T, k)
-        x = z.reshape(B * N, D)                                      # (T, D)
-        weights = self.w1, self.b1, self.w2, self.b2
-        if not z.is_meta and torch.is_autocast_enabled(z.device.type):  # raw matmuls below: cast as autocast would
+        kernels = z.device.type in self.kernel_devices
+        routing = route(self.router(z, s), self.top_k, moe_ops.gating if kernels else gating, self.gate)  # (T, k)
+        x, weights = z.reshape(B * N, D), (self.w1, self.b1, self.w2, self.b2)  # (T, D)
+        if torch.is_autocast_enabled(z.device.type):    # raw matmuls below: cast as autocast would
             dtype = torch.get_autocast_dtype(z.device.type)
             x, weights = x.to(dtype), [w.to(dtype) for w in weights]
-        y = dispatch_fn(x, routing.expert_idx, routing.gates, *weights)  # (T, D)
+        if self.reference:
+            y = dispatch_reference(x, routing.expert_idx, routing.gates, *weights)
+        else:
+            y = dispatch_sorted(x, routing.expert_idx, routing.gates, *weights, kernels=kernels)
         return y.view(B, N, D), routing
 
 
@@ -577,7 +479,8 @@ class Block(nn.Module):
         self.ls1 = LayerScale(D, cfg.layerscale_init) if cfg.layerscale_init > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(D, eps=1e-6)
         if cfg.n_experts > 1:
-            self.mlp = MoEFFN(D, cfg.hidden_dim, cfg.n_experts, cfg.top_k, cfg.descriptor_dim, cfg.moe_dispatch)
+            self.mlp = MoEFFN(D, cfg.hidden_dim, cfg.n_experts, cfg.top_k, cfg.descriptor_dim, cfg.moe_dispatch,
+                              cfg.gate)
         else:
             self.mlp = Mlp(D, cfg.hidden_dim)
         self.ls2 = LayerScale(D, cfg.layerscale_init) if cfg.layerscale_init > 0 else nn.Identity()
@@ -715,7 +618,7 @@ def check_input(x, cfg):
     """Raise ValueError with a clear message unless x: (B, cfg.in_chans, H, W), H and W multiples of p.
 
     Shapes only, no look at the values (that would cost a host-device sync every forward): a NaN or inf
-    pixel gives NaN outputs and losses, never a crash. Data enters through check_finite.
+    pixel gives NaN outputs and losses, never a crash; values are checked where data enters from files.
     """
     names = f" {list(cfg.channels)}" if cfg.channels else ""
     what = f"{cfg.in_chans} channel(s){names} in unit {cfg.input_unit!r}"
@@ -726,19 +629,6 @@ def check_input(x, cfg):
         raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {cfg.patch_size}; pad or crop it")
     if min(H, W) < 2 * cfg.roughness_block:
         raise ValueError(f"image size {H}x{W} is smaller than 2x2 roughness blocks of {cfg.roughness_block} pixels")
-
-
-def check_finite(x, where):
-    """Raise ValueError naming `where` (a file, a tile) if x holds NaN or inf values; return x unchanged.
-
-    x: a torch tensor or numpy array of pixels. For the places where data enters from files: the model
-    does not check values itself (see check_input). Costs a host-device sync on a GPU tensor.
-    """
-    finite = torch.isfinite(torch.as_tensor(x))
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
-        raise ValueError(f"{where}: {bad} NaN or infinite values of {finite.numel()}; mask or fill them first")
-    return x
 
 
 class Segmenter(nn.Module):
@@ -774,6 +664,15 @@ class Segmenter(nn.Module):
         aux = cfg.balance_loss_weight * balance + cfg.router_z_loss_weight * z_loss
         return SegmenterOutput(logits, aux, balance, z_loss, load, s_raw, router_prob)
 
+    def flops_per_tile(self, trainable_backbone=True):
+        """Approximate training FLOPs per tile (6 x active parameters x tokens, 2x for a frozen backbone, plus
+        attention scores), for train.py's MFU estimate."""
+        cfg, counts = self.cfg, self.parameter_counts()
+        tokens = 1 + cfg.num_register_tokens + (cfg.img_size // cfg.patch_size) ** 2
+        backbone = (6 if trainable_backbone else 2) * counts["backbone_active"] * tokens
+        attention = (3 if trainable_backbone else 1) * 4 * cfg.depth * cfg.embed_dim * tokens**2
+        return backbone + attention + 6 * counts["head"] * tokens
+
     def parameter_counts(self):
         """Parameters: total, active per token (top_k of n_experts experts), backbone and head split."""
         total = sum(p.numel() for p in self.parameters())
@@ -791,137 +690,3 @@ class Segmenter(nn.Module):
             backbone_active=total - head - inactive,
             head=head,
         )
-
-
-# -----------------------------------------------------------------------------
-# 8. Upcycling from a local facebookresearch/dinov2 checkpoint
-#
-# DINOv2 key names (hub checkpoints dinov2_vit{s,b,l}14[_reg4]_pretrain.pth):
-#   cls_token (1,1,D), pos_embed (1,1+37*37,D), mask_token (1,D), register_tokens (1,R,D),
-#   patch_embed.proj.{weight (D,3,14,14), bias}, norm.{weight,bias},
-#   blocks.i.{norm1,norm2}.{weight,bias}, blocks.i.attn.{qkv,proj}.{weight,bias}, blocks.i.ls{1,2}.gamma,
-#   blocks.i.mlp.fc1.{weight (Dh,D), bias}, blocks.i.mlp.fc2.{weight (D,Dh), bias}
-# Training checkpoints may use block chunks (blocks.c.i.*), a "backbone." or "module." prefix, or nest the
-# weights under "model", "teacher", "state_dict": all are accepted.
-
-
-@dataclass
-class UpcycleReport:
-    loaded: list = field(default_factory=list)      # our parameter names filled from the checkpoint
-    adapted: list = field(default_factory=list)     # loaded after a change: "name: what was done"
-    missing: list = field(default_factory=list)     # our backbone tensors the checkpoint did not have
-    unexpected: list = field(default_factory=list)  # checkpoint keys nanosar did not use
-    fresh: list = field(default_factory=list)       # new in nanosar by design: routers, segmentation head
-
-    def __str__(self):
-        lines = [f"loaded {len(self.loaded)} tensors from DINOv2"]
-        for name in ("adapted", "missing", "unexpected"):
-            items = getattr(self, name)
-            lines.append(f"{name} ({len(items)}): " + (", ".join(items) if items else "none"))
-        lines.append(f"initialised fresh by design: {len(self.fresh)} tensors (routers, head)")
-        return "\n".join(lines)
-
-
-def _clean_dinov2_keys(state_dict):
-    for key in ("teacher", "model", "state_dict"):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-    cleaned = {}
-    for k, v in state_dict.items():
-        k = re.sub(r"^(module\.|backbone\.)+", "", k)
-        k = re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k)  # block chunks: blocks.c.i -> blocks.i
-        cleaned[k] = v
-    return cleaned
-
-
-def adapt_patch_embed(weight, in_chans, patch_size):
-    """(D, 3, p0, p0) RGB patch kernel -> (D, in_chans, p, p) SAR kernel.
-
-    Channels: the paper feeds single-band SAR replicated to 3 channels, and conv(rep(x), w) = conv(x, sum_c w_c),
-    so every SAR channel gets sum_c w_c / in_chans: an input whose channels are all equal to x gives exactly
-    the response of the RGB model to x replicated. Patch size: bicubic resize, scaled by (p0/p)^2 so the
-    response to a smooth input is kept (approximate; FlexiViT's pseudo-inverse resize is exact for that).
-    """
-    w = weight.sum(dim=1, keepdim=True).repeat(1, in_chans, 1, 1) / in_chans  # (D, C, p0, p0)
-    p0 = w.shape[-1]
-    if p0 != patch_size:
-        w = F.interpolate(w.float(), size=(patch_size, patch_size), mode="bicubic", align_corners=False)
-        w = w * (p0 * p0) / (patch_size * patch_size)
-    return w
-
-
-@torch.no_grad()
-def upcycle_from_dinov2(model, state_dict):
-    """Fill model.backbone (a Segmenter's SARViT) from a DINOv2 state dict; every expert = a copy of the FFN.
-
-    Attention, norms, LayerScale, tokens and positions are copied; the patch embedding is adapted to the SAR
-    channels and patch size; the position grid is interpolated to the model's grid. Returns an UpcycleReport
-    listing loaded, adapted, missing and unexpected keys; routers and the head stay freshly initialised.
-    """
-    vit = model.backbone if isinstance(model, Segmenter) else model
-    cfg = vit.cfg
-    src = _clean_dinov2_keys(state_dict)
-    used, report = set(), UpcycleReport()
-    ours = dict(vit.named_parameters())
-
-    def take(key):
-        used.add(key)
-        return src[key]
-
-    for name, param in ours.items():
-        if ".mlp.router." in name:
-            report.fresh.append(name)
-            continue
-        moe = re.match(r"blocks\.(\d+)\.mlp\.(w1|b1|w2|b2)$", name)
-        if moe:  # expert tensors come from the dense fc1/fc2, copied into all E experts
-            i, part = moe.groups()
-            fc = "fc1" if part in ("w1", "b1") else "fc2"
-            kind = "weight" if part in ("w1", "w2") else "bias"
-            key = f"blocks.{i}.mlp.{fc}.{kind}"
-            if key not in src:
-                report.missing.append(key)
-                continue
-            value = take(key)
-            value = value.t() if kind == "weight" else value                # Linear (out, in) -> (in, out)
-            param.copy_(value.unsqueeze(0).expand_as(param))
-            report.loaded.append(name)
-            continue
-        if name not in src:
-            report.missing.append(name)
-            continue
-        value = take(name)
-        if name == "patch_embed.proj.weight" and value.shape != param.shape:
-            value = adapt_patch_embed(value, cfg.in_chans, cfg.patch_size)
-            report.adapted.append(f"{name}: {tuple(src[name].shape)} -> {tuple(value.shape)} (RGB sum / C, resize)")
-        elif name == "pos_embed" and value.shape != param.shape:
-            g = int(math.sqrt(param.shape[1] - 1))
-            value = resize_pos_embed(value, g, g)
-            report.adapted.append(f"{name}: {tuple(src[name].shape)} -> {tuple(value.shape)} (bicubic)")
-        if value.shape != param.shape:
-            raise ValueError(f"DINOv2 key {name}: checkpoint shape {tuple(value.shape)} != model {tuple(param.shape)}; "
-                             f"is the preset (embed_dim={cfg.embed_dim}, depth={cfg.depth}) the checkpoint's size?")
-        param.copy_(value)
-        report.loaded.append(name)
-    report.unexpected = sorted(k for k in src if k not in used)
-    if isinstance(model, Segmenter):
-        report.fresh += [f"head.{n}" for n, _ in model.head.named_parameters()]
-    return report
-
-
-# -----------------------------------------------------------------------------
-# `python -m nanosar.model`: a summary of every preset, built on the meta device (no memory, no time)
-
-
-def summary():
-    """Print parameter counts (total and active) of every preset next to the paper's figures."""
-    paper = {"small": "90M / 20M", "base": "300M / 80M", "large": "1.3B / 300M"}
-    print(f"{'preset':8s} {'backbone total':>15s} {'backbone active':>16s} {'head':>9s}   paper (total / active)")
-    for name in PRESETS:
-        with torch.device("meta"):
-            counts = Segmenter(SARConfig.preset(name)).parameter_counts()
-        print(f"{name:8s} {counts['backbone_total'] / 1e6:14.1f}M {counts['backbone_active'] / 1e6:15.1f}M "
-              f"{counts['head'] / 1e6:8.2f}M   {paper.get(name, '-')}")
-
-
-if __name__ == "__main__":
-    summary()

@@ -172,22 +172,25 @@ def straight_roads(shape, spacing_m, n, width_m, rng):
     return mask
 
 
-# Region recipes: class priors of fields, urban density, water, building sizes and heights (metres).
+# Region recipes: class priors of fields, urban density, water, building sizes and heights (metres), and
+# the share of tiles ("open") holding a large homogeneous area of one of "open_classes".
 REGIONS = {
     "N": dict(description="north: dense urban blocks on a street grid, rectangular crop fields, one river",
               field_m=150, field_classes=(CROP, CROP, BARE, OTHER), forest=0.10, urban=0.45, block_m=110,
-              street_m=12, building_m=(18, 40), fill=0.85, height_m=(12, 35), river_m=40, lakes=0.0, angle=(0, 10)),
+              street_m=12, building_m=(18, 40), fill=0.85, height_m=(12, 35), river_m=40, lakes=0.0, angle=(0, 10),
+              open=0.25, open_classes=(CROP, CROP, BARE, OTHER)),                 # large fields of the plain
     "S": dict(description="south: villages, paddy fields, ponds, forested hills",
               field_m=60, field_classes=(CROP, CROP, WATER, OTHER), forest=0.30, urban=0.12, block_m=70,
-              street_m=6, building_m=(8, 15), fill=0.55, height_m=(4, 9), river_m=25, lakes=0.08, angle=(0, 90)),
+              street_m=6, building_m=(8, 15), fill=0.55, height_m=(4, 9), river_m=25, lakes=0.08, angle=(0, 90),
+              open=0.3, open_classes=(WATER, WATER, FOREST, CROP)),               # lakes, forested hills
     "A": dict(description="arid: bare land, sparse settlements, long straight roads, dry riverbeds",
               field_m=250, field_classes=(BARE, BARE, BARE, CROP, OTHER), forest=0.02, urban=0.08, block_m=90,
               street_m=10, building_m=(10, 25), fill=0.35, height_m=(4, 10), river_m=0, lakes=0.0, angle=(0, 90),
-              straight_roads=3),
+              straight_roads=3, open=0.4, open_classes=(BARE, BARE, BARE, OTHER)),  # desert plains
     "C": dict(description="coastal: wind-roughened sea, harbour and mixed urban, beach",
               field_m=120, field_classes=(OTHER, CROP, BARE), forest=0.08, urban=0.35, block_m=100,
               street_m=10, building_m=(15, 35), fill=0.7, height_m=(8, 25), river_m=0, lakes=0.0, angle=(0, 45),
-              sea=0.35),
+              sea=0.35, open=0.3, open_classes=(WATER,)),                         # the open sea
 }
 
 
@@ -225,6 +228,17 @@ def make_scene(region, size, spacing_m, rng):
     buildings &= ~water
     labels[buildings] = BUILDING
     heights = np.where(buildings, rng.uniform(*r["height_m"], size=shape), 0.0)
+    # a large homogeneous area in some tiles (a big field, a desert plain, a lake, the open sea) covering
+    # half of the tile or more, all of it in half of these tiles: there speckle is the only variation and
+    # the ENL reaches the product's looks, as in real scenes. Rivers and lakes stay over land areas.
+    if rng.random() < r["open"]:
+        share = min(1.0, rng.uniform(0.5, 1.5))
+        area = smooth_noise(shape, scale(1000), rng) < share
+        cls = rng.choice(r["open_classes"])
+        if cls != WATER:
+            area &= ~water
+        labels[area] = cls
+        heights[area] = 0.0
     return labels, heights
 
 
@@ -291,7 +305,7 @@ def gamma_texture(labels, rng):
     return texture
 
 
-NOISE_REMOVAL_FLOOR = 1e-5  # linear intensity (-50 dB, the dB floor below) given to pixels that noise removal makes <= 0
+NOISE_REMOVAL_FLOOR = 1e-5  # linear intensity (-50 dB, the dB floor) of pixels that noise removal makes <= 0
 
 
 def remove_thermal_noise(intensity, nesz):
@@ -345,7 +359,7 @@ def form_channel(mean, sensor, representation, rng):
     dn_product = sensor.product == "uint16_dn"
     if representation in ("real", "imag", "complex"):               # SLC: circular complex Gaussian
         re, im = rng.standard_normal((2, *mean.shape)) * np.sqrt(mean / 2.0)
-        if dn_product:                                              # int16 (re, im) digital numbers
+        if dn_product:                                              # signed (re, im) digital numbers
             re, im = (np.clip(np.round(c * DN_SCALE), -32768, 65535) / DN_SCALE for c in (re, im))
         return {"real": re[None], "imag": im[None], "complex": np.stack([re, im])}[representation]
     intensity = mean * rng.gamma(sensor.looks, 1.0 / sensor.looks, size=mean.shape)   # L-look speckle
@@ -524,7 +538,8 @@ def simulate_tile(domain, split, index, size, seed=0):
 
 # Bump when simulate_tile's output for the same (seed, domain, split, index, size) changes: prepare.py
 # then regenerates splits of the older version instead of resuming with them.
-GENERATOR_VERSION = 1
+# 2: Sentinel-1 thermal noise removal; large homogeneous areas in some scenes; meta "noise_removed".
+GENERATOR_VERSION = 2
 
 
 def split_meta(domain, split, size, seed=0):
@@ -589,9 +604,9 @@ def descriptor_table(n_tiles=32, size=128, seed=0, roughness_block=16):
         enl, expected = homogeneous_enl(code)
         note = " (noise-removed: L (s0 / (s0 + NESZ))^2)" if sensor.noise_removed else ""
         lines.append(f"| {code} ({sensor.name}) | {sensor.looks:g} | {enl:.2f} | {expected:.2f}{note} |")
-    lines += ["", f"Descriptors on X' = log(1 + |x|), {n_tiles} test tiles of {size}x{size} per domain, roughness "
-              f"blocks of {roughness_block}: mean [5 %, 95 %]", "",
-              "| domain | sensor | unit | entropy (nats) | ENL | roughness |", "|---|---|---|---|---|---|"]
+    caption = (f"Descriptors on X' = log(1 + |x|), {n_tiles} test tiles of {size}x{size} per domain, roughness "
+               f"blocks of {roughness_block}: mean [5 %, 95 %]")
+    lines += ["", caption, "", "| domain | sensor | unit | entropy (nats) | ENL | roughness |", "|---|---|---|---|---|---|"]
     for domain in suite_domains() + EXTRA_DOMAINS:
         d = domain_descriptors(domain, n_tiles, size, seed, roughness_block)
         cells = [f"{m:.3g} [{lo:.3g}, {hi:.3g}]" for m, lo, hi in

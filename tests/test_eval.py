@@ -138,7 +138,7 @@ def test_eval_under_two_processes_matches_one(suite_root, tmp_path):
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
                           "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True)
     assert one.returncode == 0 and two.returncode == 0, one.stderr[-2000:] + two.stderr[-2000:]
-    a, b = (json.loads((tmp_path / n / "synthetic.json").read_text())["results"]["ckpt.pt"] for n in ("one", "two"))
+    a, b = (json.loads((tmp_path / n / "synthetic.json").read_text())["results"][tmp_path.name] for n in ("one", "two"))
     for code in a:
         assert a[code]["iou"] == pytest.approx(b[code]["iou"], nan_ok=True)
         assert b[code]["tiles"] == 4

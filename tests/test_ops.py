@@ -16,6 +16,7 @@ from nanosar import model as M
 from nanosar import moe_ops
 
 EXT = moe_ops.load_extension()
+OPS = torch.ops.nanosar  # the custom operators: gating, permute, combine (with the extension), grouped_linear
 needs_ext = pytest.mark.skipif(EXT is None, reason="nanosar._C not built")
 HAS_CUDA_OPS = EXT is not None and EXT.with_cuda and torch.cuda.is_available()
 
@@ -198,42 +199,48 @@ def test_permute_and_combine_cpu_gradcheck(T, E, k):
     assert torch.autograd.gradcheck(lambda o, g: moe_ops.combine(o, g, order), (out, gates))
 
 
+def moe_layer_results(E, k, dispatch, kernels=True, device="cpu", autocast=False):
+    """An MoE layer's output, tokens per expert and gradients (input, parameters); kernels=False takes the
+    fast dispatch's PyTorch path (the kernels' devices emptied)."""
+    torch.manual_seed(0)
+    D = 24 if device == "cpu" else 64
+    layer = M.MoEFFN(D, 2 * D, E, k, descriptor_dim=3, dispatch=dispatch).to(device)
+    if not kernels:
+        layer.kernel_devices = frozenset()
+    z = torch.randn(3, 37, D, device=device, requires_grad=True)
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        y, routing = layer(z, torch.randn(3, 3, device=device))
+        loss = (y.float() * torch.linspace(-1, 1, D, device=device)).sum() + routing.balance_loss + routing.z_loss
+    loss.backward()
+    return y, routing.tokens_per_expert, z.grad, [p.grad for p in layer.parameters()]
+
+
 @needs_ext
 @pytest.mark.parametrize("E, k", [(6, 1), (6, 2), (16, 1), (1, 1)])
 def test_moe_layer_cpu_kernels_equal_reference(E, k):
-    """The whole MoE layer: same output and same gradients for input, router and expert weights."""
-    results = []
-    for dispatch in ("grouped", "kernels"):
-        torch.manual_seed(0)
-        layer = M.MoEFFN(24, 48, E, k, descriptor_dim=3, dispatch=dispatch)
-        z = torch.randn(3, 37, 24, requires_grad=True)
-        y, routing = layer(z, torch.randn(3, 3))
-        loss = (y * torch.linspace(-1, 1, 24)).sum() + routing.balance_loss + routing.z_loss
-        loss.backward()
-        results.append((y, routing.tokens_per_expert, z.grad, [p.grad for p in layer.parameters()]))
-    (y0, c0, gz0, gp0), (y1, c1, gz1, gp1) = results
-    torch.testing.assert_close(y1, y0)
-    assert torch.equal(c0, c1)
-    torch.testing.assert_close(gz1, gz0)
-    for a, b in zip(gp0, gp1):
-        torch.testing.assert_close(b, a)
+    """The whole MoE layer: same output and same gradients for input, router and expert weights, with the
+    kernels, with the fast dispatch's PyTorch path, and with the reference dispatch."""
+    assert "cpu" in M.MoEFFN(8, 8, E, k, descriptor_dim=3).kernel_devices
+    (y0, c0, gz0, gp0), *others = [moe_layer_results(E, k, "reference"), moe_layer_results(E, k, "fast"),
+                                   moe_layer_results(E, k, "fast", kernels=False)]
+    for y1, c1, gz1, gp1 in others:
+        torch.testing.assert_close(y1, y0)
+        assert torch.equal(c0, c1)
+        torch.testing.assert_close(gz1, gz0)
+        for a, b in zip(gp0, gp1):
+            torch.testing.assert_close(b, a)
 
 
 @needs_ext
-def test_segmenter_auto_uses_the_extension_and_agrees():
+def test_segmenter_fast_uses_the_extension_and_agrees():
     torch.manual_seed(0)
-    auto = M.Segmenter(M.SARConfig.preset("tiny", top_k=2))
-    ref = M.Segmenter(M.SARConfig.preset("tiny", top_k=2, moe_dispatch="grouped"))
-    ref.load_state_dict(auto.state_dict())
-    assert M.moe_functions("auto", torch.zeros(1))[0] is moe_ops.gating
+    fast = M.Segmenter(M.SARConfig.preset("tiny", top_k=2))
+    ref = M.Segmenter(M.SARConfig.preset("tiny", top_k=2, moe_dispatch="reference"))
+    ref.load_state_dict(fast.state_dict())
+    layers = [m for m in fast.modules() if isinstance(m, M.MoEFFN)]
+    assert layers and all("cpu" in layer.kernel_devices for layer in layers)
     x = torch.randn(2, 1, 64, 64) * 3 - 12
-    torch.testing.assert_close(auto(x).logits, ref(x).logits)
-
-
-def test_kernels_on_meta_is_a_clear_error():
-    with pytest.raises(RuntimeError, match="no meta ops"):
-        M.moe_functions("kernels", torch.zeros(1, device="meta"))
-    assert M.moe_functions("auto", torch.zeros(1, device="meta"))[1] is M.dispatch_grouped
+    torch.testing.assert_close(fast(x).logits, ref(x).logits)
 
 
 @needs_ext
@@ -262,7 +269,7 @@ def test_combine_rejects_an_order_out_of_range(bad):
     with pytest.raises(RuntimeError, match=rf"order holds index {bad} outside \[0, T\*k=6\)"):
         moe_ops.combine(out, gates, order)
     with pytest.raises(RuntimeError, match="outside"):
-        EXT.combine_backward(grad_y, out, gates, order)
+        OPS.combine_backward(grad_y, out, gates, order)
     with pytest.raises(RuntimeError, match="not a permutation: index 4"):
         moe_ops.combine(out, gates, torch.tensor([0, 1, 2, 3, 4, 4]))
 
@@ -272,14 +279,14 @@ def test_bad_indices_do_not_crash_the_process():
     """The calls that used to segfault (exit 139), in a subprocess: now a RuntimeError and exit 0."""
     script = """
 import torch
-from nanosar import moe_ops
-ext = moe_ops.load_extension()
+from nanosar import moe_ops  # loads the extension, which registers torch.ops.nanosar
+ops = torch.ops.nanosar
 calls = [
-    lambda: ext.combine_forward(torch.randn(4, 8), torch.ones(2, 2), torch.tensor([0, 1, 2, 1 << 40])),
-    lambda: ext.combine_forward(torch.randn(4, 8), torch.ones(2, 2), torch.tensor([-5, 1, 2, 3]), check_order=False),
-    lambda: ext.combine_backward(torch.randn(2, 8), torch.randn(4, 8), torch.ones(2, 2), torch.tensor([0, 9, 2, 3])),
-    lambda: ext.permute_forward(torch.randn(2, 8), torch.tensor([[0, 1 << 40], [1, 0]]), 3),
-    lambda: ext.gating_backward(torch.randn(2, 3), torch.tensor([[0], [-7]]), torch.ones(2, 1), torch.ones(2, 1),
+    lambda: ops.combine(torch.randn(4, 8), torch.ones(2, 2), torch.tensor([0, 1, 2, 1 << 40])),
+    lambda: ops.combine(torch.randn(4, 8), torch.ones(2, 2), torch.tensor([-5, 1, 2, 3]), check_order=False),
+    lambda: ops.combine_backward(torch.randn(2, 8), torch.randn(4, 8), torch.ones(2, 2), torch.tensor([0, 9, 2, 3])),
+    lambda: ops.permute(torch.randn(2, 8), torch.tensor([[0, 1 << 40], [1, 0]]), 3),
+    lambda: ops.gating_backward(torch.randn(2, 3), torch.tensor([[0], [-7]]), torch.ones(2, 1), torch.ones(2, 1),
                                 torch.ones(3), torch.ones(())),
 ]
 for call in calls:
@@ -306,45 +313,214 @@ def test_permute_rejects_expert_ids_out_of_range(bad):
 
 
 @needs_ext
-def test_auto_falls_back_beyond_the_kernel_limits_with_one_log_line(monkeypatch, capsys):
-    monkeypatch.setattr(moe_ops, "_logged", set())
-    x = torch.zeros(1)
-    k = EXT.max_top_k + 1
-    for _ in range(3):
-        assert M.moe_functions("auto", x, n_experts=k + 1, top_k=k) == (M.gating, M.dispatch_grouped)
-    lines = [line for line in capsys.readouterr().err.splitlines() if "pure-PyTorch reference" in line]
-    assert len(lines) == 1 and f"top_k={k} is above the kernels' limit of {EXT.max_top_k}" in lines[0]
-    with pytest.raises(RuntimeError, match=f"moe_dispatch='kernels' but top_k={k}"):
-        M.moe_functions("kernels", x, n_experts=k + 1, top_k=k)
-    assert M.moe_functions("auto", x, n_experts=k + 1, top_k=2)[0] is moe_ops.gating  # within the limits
-
-
-@needs_ext
-def test_moe_layer_beyond_the_kernel_limit_runs_on_the_reference(monkeypatch, capsys):
-    """A layer whose top_k the kernels do not support (limit lowered to 1 here) runs and equals "grouped"."""
-    monkeypatch.setattr(moe_ops, "_logged", set())
+def test_moe_layer_beyond_the_kernel_limit_runs_on_the_pytorch_path(fresh_kernel_devices, monkeypatch, capsys):
+    """A layer whose top_k the kernels do not support (limit lowered to 1 here) runs without them, equals
+    the reference dispatch, and says why once."""
     monkeypatch.setattr(EXT, "max_top_k", 1)
+    layers = [M.MoEFFN(16, 32, 6, 2, descriptor_dim=3) for _ in range(3)]
+    assert all("cpu" not in layer.kernel_devices for layer in layers)
+    assert "cpu" in M.MoEFFN(16, 32, 6, 1, descriptor_dim=3).kernel_devices
     outputs = []
-    for dispatch in ("auto", "grouped"):
+    for dispatch in ("fast", "reference"):
         torch.manual_seed(0)
         layer = M.MoEFFN(16, 32, 6, 2, descriptor_dim=3, dispatch=dispatch)
         outputs.append(layer(torch.randn(2, 9, 16), torch.randn(2, 3))[0])
     torch.testing.assert_close(outputs[0], outputs[1])
     assert capsys.readouterr().err.count("top_k=2 is above the kernels' limit of 1") == 1
-    with pytest.raises(RuntimeError, match="top_k=2 is above"):
-        M.MoEFFN(16, 32, 6, 2, descriptor_dim=3, dispatch="kernels")(torch.randn(2, 9, 16), torch.randn(2, 3))
 
 
 @needs_ext
 def test_extension_rejects_bad_input():
     with pytest.raises(RuntimeError, match="top_k"):
-        EXT.gating_forward(torch.randn(4, 3), 4)
+        OPS.gating(torch.randn(4, 3), 4)
     with pytest.raises(RuntimeError, match="outside"):
-        EXT.permute_forward(torch.randn(2, 4), torch.tensor([[0], [7]]), 6)
+        OPS.permute(torch.randn(2, 4), torch.tensor([[0], [7]]), 6)
     with pytest.raises(RuntimeError, match="rows"):
-        EXT.combine_forward(torch.randn(3, 4), torch.ones(2, 1), torch.arange(2))
-    with pytest.raises(RuntimeError, match="contiguous"):
-        EXT.gating_forward(torch.randn(3, 4).t(), 1)
+        OPS.combine(torch.randn(3, 4), torch.ones(2, 1), torch.arange(2))
+    with pytest.raises(RuntimeError, match="dimensions"):
+        OPS.combine(torch.randn(6), torch.ones(2, 1), torch.arange(2))
+
+
+@needs_ext
+def test_ops_take_any_layout():
+    """Strided inputs (a transposed view, a column slice) give the results of their contiguous copies."""
+    logits = make_logits(9, 8, ties=False).t().contiguous().t()                   # (9, 8), column-major
+    for a, b in zip(moe_ops.gating(logits, 2), moe_ops.gating(logits.contiguous(), 2)):
+        assert torch.equal(a, b)
+    x, expert_idx = torch.randn(9, 10)[:, ::2], M.gating(logits, 3)[0][:, 1:]  # (9, 5) strided, (9, 2) slice
+    for a, b in zip(moe_ops.permute(x, expert_idx, 8), moe_ops.permute(x.contiguous(), expert_idx.contiguous(), 8)):
+        assert torch.equal(a, b)
+    out, gates, order = torch.randn(5, 36)[:, ::2].t(), torch.rand(2, 9).t(), torch.randperm(18)  # (18, 5), (9, 2)
+    assert torch.equal(moe_ops.combine(out, gates, order), moe_ops.combine(out.contiguous(), gates.contiguous(), order))
+
+
+# -----------------------------------------------------------------------------
+# The custom operators: opcheck (schema, fake tensors, autograd registration, AOT dispatch with dynamic
+# shapes), grouped_linear against a plain loop, kernel_devices. Backward ops are checked without
+# requires_grad: they have no autograd formula of their own (no double backward through the kernels).
+
+OPCHECK_CASES = [(7, 2, 2), (257, 6, 1), (40, 16, 2)]  # (T, E, k)
+
+
+def routed(T, E, k, D, dtype, seed=0):
+    """Inputs of permute and combine made by the references: x (T, D), expert_idx (T, k), gates (T, k)
+    in the accumulation type, order (T*k,), expert_out (T*k, D)."""
+    expert_idx, gates = M.gating(make_logits(T, E, ties=True, dtype=dtype, seed=seed), k)[:2]
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(T, D, generator=g, dtype=torch.float64).to(dtype)
+    order = M.permute(x, expert_idx, E)[1]
+    expert_out = torch.randn(T * k, D, generator=g, dtype=torch.float64).to(dtype)
+    return x, expert_idx, gates, order, expert_out
+
+
+@needs_ext
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T, E, k", OPCHECK_CASES)
+def test_opcheck_gating(T, E, k, dtype, requires_grad):
+    logits = make_logits(T, E, ties=False, dtype=dtype).requires_grad_(requires_grad)
+    torch.library.opcheck(OPS.gating.default, (logits, k))
+    gates, mean_prob, z_loss, expert_idx, counts = OPS.gating(logits.detach(), k)
+    torch.library.opcheck(OPS.gating_backward.default, (logits.detach(), expert_idx, gates, torch.randn_like(gates),
+                                                        torch.randn_like(mean_prob), torch.randn_like(z_loss)))
+
+
+@needs_ext
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("T, E, k", OPCHECK_CASES)
+def test_opcheck_permute_and_combine(T, E, k, dtype, requires_grad):
+    x, expert_idx, gates, order, expert_out = routed(T, E, k, 5, dtype)
+    torch.library.opcheck(OPS.permute.default, (x.requires_grad_(requires_grad), expert_idx, E))
+    for check_order in (True, False):
+        args = (expert_out.clone().requires_grad_(requires_grad), gates.clone().requires_grad_(requires_grad), order)
+        torch.library.opcheck(OPS.combine.default, args + (check_order,))
+    torch.library.opcheck(OPS.combine_backward.default, (torch.randn(T, 5, dtype=dtype), expert_out, gates, order))
+
+
+def test_kernel_ops_keep_the_reference_signatures_on_meta():
+    """The fake functions give every output's shape and dtype without running anything (the meta device)."""
+    if EXT is None:
+        pytest.skip("nanosar._C not built")
+    T, E, k, D = 11, 6, 2, 4
+    logits = torch.empty(T, E, device="meta", dtype=torch.bfloat16)
+    expert_idx, gates, counts, mean_prob, z_loss = moe_ops.gating(logits, k)
+    assert [(t.shape, t.dtype) for t in (expert_idx, gates, counts, mean_prob, z_loss)] == [
+        ((T, k), torch.long), ((T, k), torch.float32), ((E,), torch.long), ((E,), torch.float32), ((), torch.float32)]
+    x_sorted, order, counts = moe_ops.permute(torch.empty(T, D, device="meta"), expert_idx, E)
+    assert (x_sorted.shape, order.shape, counts.shape) == ((T * k, D), (T * k,), (E,))
+    assert moe_ops.combine(x_sorted, gates, order).shape == (T, D)
+
+
+def grouped_linear_reference(x, w, b, counts):
+    """The plain loop: expert e's rows (a contiguous block of counts[e] rows) times w[e], plus b[e]."""
+    blocks = x.split(counts.tolist())                                          # E x (n_e, Din)
+    return torch.cat([blk @ w[e] + (0 if b is None else b[e]) for e, blk in enumerate(blocks)])
+
+
+def grouped_inputs(counts, Din, Dout, dtype=torch.float64, offsets_dtype=torch.int64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.tensor(counts)
+    E, S = len(counts), int(counts.sum())
+    x = torch.randn(S, Din, generator=g, dtype=torch.float64).to(dtype)
+    w = torch.randn(E, Din, Dout, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(E, Dout, generator=g, dtype=torch.float64).to(dtype)
+    return x, w, b, counts, counts.cumsum(0).to(offsets_dtype)
+
+
+# rows per expert: experts without rows first, in the middle and last; one expert; no rows at all
+GROUP_COUNTS = [[3, 0, 5, 1], [0, 4, 0, 0, 2, 0], [7], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("counts", GROUP_COUNTS)
+def test_grouped_linear_matches_the_loop_and_gradchecks(counts, bias):
+    x, w, b, counts, offsets = grouped_inputs(counts, 3, 4)
+    b = b if bias else None
+    torch.testing.assert_close(moe_ops.grouped_linear(x, w, b, offsets), grouped_linear_reference(x, w, b, counts))
+    leaves = [t.clone().requires_grad_() for t in (x, w) + ((b,) if bias else ())]
+    fn = lambda x, w, *b: moe_ops.grouped_linear(x, w, b[0] if b else None, offsets)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, leaves)
+    if bias:  # an expert without rows gets zero weight and bias gradients
+        moe_ops.grouped_linear(*leaves, offsets).sum().backward()
+        empty = counts == 0
+        assert (leaves[1].grad[empty] == 0).all() and (leaves[2].grad[empty] == 0).all()
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("offsets_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("counts", GROUP_COUNTS[:2])
+def test_opcheck_grouped_linear(counts, dtype, offsets_dtype, requires_grad):
+    x, w, b, _, offsets = grouped_inputs(counts, 3, 4, dtype, offsets_dtype)
+    for bias in (b, None):
+        args = [t.clone().requires_grad_(requires_grad) for t in (x, w)] + [bias, offsets]
+        if bias is not None:
+            args[2] = bias.clone().requires_grad_(requires_grad)
+        torch.library.opcheck(OPS.grouped_linear.default, tuple(args))
+    torch.library.opcheck(OPS.grouped_linear_weight_grad.default, (x, torch.randn(x.shape[0], 4, dtype=dtype), offsets))
+
+
+def test_grouped_linear_grouped_mm_path_matches_the_loop(monkeypatch):
+    """The torch._grouped_mm path (taken for bf16 on sm90+ GPUs), forced here on the CPU in float32."""
+    x, w, b, counts, offsets = grouped_inputs([5, 0, 9, 2], 16, 8, torch.float32, torch.int32)
+    results = []
+    for grouped_mm in (False, True):
+        monkeypatch.setattr(moe_ops, "_grouped_mm_supported", lambda a, b, use=grouped_mm: use)
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = moe_ops.grouped_linear(*leaves, offsets)
+        (y * torch.linspace(-1, 1, 8)).sum().backward()
+        results.append([y] + [t.grad for t in leaves])
+    torch.testing.assert_close(results[0][0], grouped_linear_reference(x, w, b, counts))
+    for loop, grouped in zip(*results):
+        torch.testing.assert_close(grouped, loop)
+
+
+@pytest.mark.parametrize("offsets", [[3, 2, 8], [3, 5, 7], [3, 5, 9], [-1, 5, 8]])
+def test_grouped_linear_rejects_bad_offsets(offsets):
+    x, w, b, _, _ = grouped_inputs([3, 2, 3], 3, 4)
+    with pytest.raises(ValueError, match="offsets must be non-decreasing end rows from 0 to 8"):
+        moe_ops.grouped_linear(x, w, b, torch.tensor(offsets))
+    with pytest.raises(ValueError, match="expected x"):
+        moe_ops.grouped_linear(x, w, b, torch.tensor([3, 8]))
+
+
+@pytest.fixture
+def fresh_kernel_devices(monkeypatch):
+    """kernel_devices and its log lines as if first called (it is cached), and again after the test."""
+    monkeypatch.setattr(moe_ops, "_logged", set())
+    moe_ops.kernel_devices.cache_clear()
+    yield
+    moe_ops.kernel_devices.cache_clear()
+
+
+@needs_ext
+def test_kernel_devices_is_cached_and_said_once(fresh_kernel_devices, capsys):
+    devices = moe_ops.kernel_devices(6, 2)
+    assert isinstance(devices, frozenset) and "cpu" in devices and "meta" not in devices
+    assert ("cuda" in devices) == (HAS_CUDA_OPS and EXT.cuda_kernel_status(torch.cuda.current_device()) == "")
+    assert moe_ops.kernel_devices(6, 2) is devices
+    lines = capsys.readouterr().err.splitlines()
+    assert lines.count(f"nanosar: MoE ops on cpu: C++ kernels of {EXT.__name__}") == 1
+
+
+@needs_ext
+def test_kernel_devices_beyond_the_limits_fall_back_with_one_line(fresh_kernel_devices, monkeypatch, capsys):
+    monkeypatch.setattr(EXT, "max_top_k", 1)
+    for _ in range(3):
+        assert "cpu" not in moe_ops.kernel_devices(6, 2)
+    assert "cpu" in moe_ops.kernel_devices(6, 1)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "pure-PyTorch reference" in line]
+    assert lines == ["nanosar: MoE ops on cpu: pure-PyTorch reference, because top_k=2 is above the kernels' limit of 1"]
+
+
+def test_kernel_devices_without_the_extension(fresh_kernel_devices, monkeypatch, capsys):
+    monkeypatch.setattr(moe_ops, "_device_support", lambda device_type, index: (None, "the extension is not built"))
+    assert moe_ops.kernel_devices(6, 1) == frozenset()
+    assert "MoE ops on cpu: pure-PyTorch reference, because the extension is not built" in capsys.readouterr().err
+    monkeypatch.setattr(moe_ops, "_EXT", None)
+    with pytest.raises(RuntimeError, match="extension is not built"):
+        moe_ops.gating(torch.randn(3, 2), 1)
 
 
 # -----------------------------------------------------------------------------
@@ -394,25 +570,23 @@ def test_cuda_bad_indices_raise_and_leave_the_gpu_usable():
         moe_ops.combine(out, gates, torch.tensor([0, 1, 2, 3, 4, 9], device="cuda"))
     with pytest.raises(RuntimeError, match="not a permutation"):
         twice = torch.tensor([0, 1, 2, 3, 4, 4], device="cuda")
-        EXT.combine_backward(torch.randn(3, 4, device="cuda"), out, gates, twice)
+        OPS.combine_backward(torch.randn(3, 4, device="cuda"), out, gates, twice)
     with pytest.raises(RuntimeError, match=r"expert id -3 outside \[0, 6\)"):
         moe_ops.permute(torch.randn(3, 4, device="cuda"), torch.tensor([[0, 1], [2, -3], [5, 0]], device="cuda"), 6)
     # unchecked: bad entries are skipped, nothing is read or written out of bounds
-    EXT.combine_forward(out, gates, torch.tensor([0, 1, 2, 3, 4, 1 << 40], device="cuda"), check_order=False)
+    OPS.combine(out, gates, torch.tensor([0, 1, 2, 3, 4, 1 << 40], device="cuda"), check_order=False)
     torch.cuda.synchronize()
     order = torch.tensor([5, 4, 3, 2, 1, 0], device="cuda")
     torch.testing.assert_close(moe_ops.combine(out, gates, order), M.combine(out, gates, order))
 
 
 @gpu_test
-def test_cuda_kernels_have_an_image_for_this_gpu_and_limits_fall_back(monkeypatch, capsys):
+def test_cuda_kernels_have_an_image_for_this_gpu_and_limits_fall_back(fresh_kernel_devices, capsys):
     assert EXT.cuda_kernel_status(torch.cuda.current_device()) == ""
-    monkeypatch.setattr(moe_ops, "_logged", set())
-    x = torch.zeros(1, device="cuda")
     E = EXT.max_experts_cuda + 1
-    assert M.moe_functions("auto", x, n_experts=E, top_k=1) == (M.gating, M.dispatch_grouped)
+    assert moe_ops.kernel_devices(E, 1) == {"cpu"}
     assert f"n_experts={E} is above the CUDA kernels' limit" in capsys.readouterr().err
-    assert M.moe_functions("auto", x, n_experts=E - 1, top_k=1)[0] is moe_ops.gating
+    assert moe_ops.kernel_devices(E - 1, 1) == {"cpu", "cuda"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -479,19 +653,56 @@ def assert_relative_error(actual, expected, tol):
 @pytest.mark.parametrize("E, k", [(6, 1), (6, 2), (64, 2)])
 @gpu_test
 def test_moe_layer_cuda_kernels_equal_reference(E, k):
-    results = []
-    for dispatch in ("grouped", "kernels"):
-        torch.manual_seed(0)
-        layer = M.MoEFFN(64, 256, E, k, descriptor_dim=3, dispatch=dispatch).cuda()
-        z = torch.randn(4, 300, 64, device="cuda", requires_grad=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            y, routing = layer(z, torch.randn(4, 3, device="cuda"))
-            loss = y.float().square().sum() + routing.balance_loss
-        loss.backward()
-        results.append((y, routing.tokens_per_expert, z.grad, [p.grad for p in layer.parameters()]))
-    (y0, c0, gz0, gp0), (y1, c1, gz1, gp1) = results
-    assert torch.equal(c0, c1)
-    assert_relative_error(y1, y0, 1e-2)
-    assert_relative_error(gz1, gz0, 2e-2)
-    for a, b in zip(gp0, gp1):
-        assert_relative_error(b, a, 2e-2)
+    """bf16 autocast: the fast dispatch with the CUDA kernels (and torch._grouped_mm on sm90+) against its
+    PyTorch path (kernels off) and the reference loop."""
+    (y0, c0, gz0, gp0), *others = [moe_layer_results(E, k, "reference", device="cuda", autocast=True),
+                                   moe_layer_results(E, k, "fast", device="cuda", autocast=True),
+                                   moe_layer_results(E, k, "fast", kernels=False, device="cuda", autocast=True)]
+    for y1, c1, gz1, gp1 in others:
+        assert torch.equal(c0, c1)
+        assert_relative_error(y1, y0, 1e-2)
+        assert_relative_error(gz1, gz0, 2e-2)
+        for a, b in zip(gp0, gp1):
+            assert_relative_error(b, a, 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@gpu_test
+def test_opcheck_cuda(dtype):
+    """opcheck of every operator on CUDA tensors (fp32, and bf16 for which grouped_linear takes
+    torch._grouped_mm on sm90+), with and without requires_grad for the forward ops."""
+    T, E, k, D = 300, 16, 2, 64
+    for requires_grad in (False, True):
+        logits = make_logits(T, E, ties=False, dtype=dtype, device="cuda").requires_grad_(requires_grad)
+        torch.library.opcheck(OPS.gating.default, (logits, k))
+        x, expert_idx, gates, order, expert_out = [t.cuda() for t in routed(T, E, k, D, dtype)]
+        torch.library.opcheck(OPS.permute.default, (x.requires_grad_(requires_grad), expert_idx, E))
+        torch.library.opcheck(OPS.combine.default, (expert_out.requires_grad_(requires_grad),
+                                                    gates.requires_grad_(requires_grad), order))
+        xs, w, b, _, offsets = [t.cuda() for t in grouped_inputs([40, 0, 200, 360], D, 32, dtype)]
+        torch.library.opcheck(OPS.grouped_linear.default, (xs.requires_grad_(requires_grad),
+                                                           w.requires_grad_(requires_grad), b, offsets))
+    gates, mean_prob, z_loss, expert_idx, _ = OPS.gating(logits.detach(), k)
+    torch.library.opcheck(OPS.gating_backward.default, (logits.detach(), expert_idx, gates, torch.randn_like(gates),
+                                                        torch.randn_like(mean_prob), torch.randn_like(z_loss)))
+    torch.library.opcheck(OPS.combine_backward.default,
+                          (torch.randn(T, D, device="cuda", dtype=dtype), expert_out.detach(), gates, order))
+    torch.library.opcheck(OPS.grouped_linear_weight_grad.default,
+                          (xs.detach(), torch.randn(xs.shape[0], 32, device="cuda", dtype=dtype), offsets))
+
+
+@gpu_test
+def test_grouped_linear_cuda_bf16_matches_the_loop():
+    """bf16 on CUDA: torch._grouped_mm where supported (sm90+), else the loop; values and gradients against
+    the plain loop in float32."""
+    xs, w, b, counts, offsets = [t.cuda() for t in grouped_inputs([40, 0, 200, 360, 0], 64, 32, torch.bfloat16)]
+    leaves = [t.clone().requires_grad_() for t in (xs, w, b)]
+    y = moe_ops.grouped_linear(*leaves, offsets)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    ref_leaves = [t.float().requires_grad_() for t in (xs, w, b)]
+    ref = grouped_linear_reference(*ref_leaves, counts)
+    ref.backward(grad.float())
+    assert_relative_error(y, ref, 1e-2)
+    for t, r in zip(leaves, ref_leaves):
+        assert_relative_error(t.grad, r.grad, 2e-2)

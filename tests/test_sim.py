@@ -1,5 +1,6 @@
 """The SAR simulator against the physics tables, and the synthetic DG suite's promises."""
 
+import dataclasses
 import errno
 import glob
 import json
@@ -31,13 +32,47 @@ def intensity_of(cls, sensor, pol, incidence=35.0, seed=0, size=256):
     return image[0].astype(np.float64)
 
 
+def sigma0_linear(band, pol, cls, incidence=35.0):
+    return 10 ** (float(sim.sigma0_db(band, pol, cls, incidence)) / 10)
+
+
+def expected_mean(sensor, pol, cls, incidence=35.0):
+    """Linear mean of a homogeneous area: sigma0 + NESZ, or for a noise-removed product E[max(I - NESZ, floor)]."""
+    s = sim.SENSORS[sensor]
+    sigma0, nesz = sigma0_linear(s.band, pol, cls, incidence), 10 ** (s.nesz_db / 10)
+    return sim.noise_removed_mean(sigma0, nesz, s.looks) if s.noise_removed else sigma0 + nesz
+
+
 @pytest.mark.parametrize("sensor, pol", [("S1", "VV"), ("S1", "VH"), ("L2", "HH"), ("L2", "HV"), ("X1", "HH")])
 @pytest.mark.parametrize("cls", [OTHER, ROAD, WATER, BARE])
-def test_mean_intensity_matches_sigma0_table_plus_noise_floor(sensor, pol, cls):
-    """Linear mean of a homogeneous area = sigma0 (table, 35 deg) + NESZ, within 4% (65k speckled pixels)."""
-    s = sim.SENSORS[sensor]
-    expected = 10 ** (sim.SIGMA0_DB[s.band][pol][cls] / 10) + 10 ** (s.nesz_db / 10)
-    assert intensity_of(cls, sensor, pol).mean() == pytest.approx(expected, rel=0.04)
+def test_mean_intensity_matches_sigma0_table_and_noise(sensor, pol, cls):
+    """Linear mean of a homogeneous area = sigma0 (table, 35 deg) + NESZ, or for the noise-removed S1 the
+    expectation of the floored noise-subtracted intensity; within 4% (65k speckled pixels)."""
+    assert intensity_of(cls, sensor, pol).mean() == pytest.approx(expected_mean(sensor, pol, cls), rel=0.04)
+
+
+def test_noise_removed_product_puts_dark_water_near_its_sigma0():
+    """Sentinel-1 VH over calm water (sigma0 -27 dB at 35 deg, 5 dB below the NESZ of -22 dB).
+
+    Without noise removal the product sits at sigma0 + NESZ (-21.1 dB, 4.2 x sigma0); the noise-removed
+    product (- NESZ, floored at 1e-5) sits at -25.8 dB, where real products put water VH (about -25 dB;
+    Sen1Floods11's flooded sample -25.2). Tolerance 40 % of sigma0 (1.5 dB): flooring the pixels the
+    subtraction makes negative (35 % of them here) leaves a positive bias, +32 % at this SNR of -5 dB
+    (sim.noise_removed_mean, checked within 4 %), plus 4 % for sampling; over water VV (SNR +2 dB) the bias
+    is 1 % and 15 % holds."""
+    s1 = sim.SENSORS["S1"]
+    nesz = 10 ** (s1.nesz_db / 10)
+    raw = dataclasses.replace(s1, noise_removed=False)
+    for pol, tolerance in (("VH", 0.40), ("VV", 0.15)):
+        sigma0 = sigma0_linear("C", pol, WATER)
+        removed = intensity_of(WATER, "S1", pol).mean()
+        assert removed == pytest.approx(sim.noise_removed_mean(sigma0, nesz, s1.looks), rel=0.04)
+        assert removed == pytest.approx(sigma0, rel=tolerance)
+        labels, heights = homogeneous(WATER)
+        image, _ = sim.form_image(labels, heights, raw, pol, "intensity", np.random.default_rng(0), incidence_deg=35.0)
+        assert image.astype(np.float64).mean() == pytest.approx(sigma0 + nesz, rel=0.04)
+    assert 10 * np.log10(intensity_of(WATER, "S1", "VH").mean()) == pytest.approx(-25.8, abs=0.2)
+    assert sim.noise_removed_mean(0.01, 1e-9, 4.4) == pytest.approx(0.01, rel=1e-6)   # no noise: no bias
 
 
 def test_incidence_angle_dependence():
@@ -47,17 +82,24 @@ def test_incidence_angle_dependence():
     assert 10 * np.log10((near - noise) / (far - noise)) == pytest.approx(14.0, abs=0.6)
 
 
-@pytest.mark.parametrize("sensor", ["S1", "L2", "G3", "X1"])
+@pytest.mark.parametrize("sensor", list(sim.SENSORS))
 def test_speckle_enl_equals_the_product_looks(sensor):
-    intensity = intensity_of(OTHER, sensor, sim.SENSORS[sensor].polarizations[0])
-    enl = intensity.mean() ** 2 / intensity.var()
-    assert enl == pytest.approx(sim.SENSORS[sensor].looks, rel=0.08)
+    """ENL = mean^2 / var of linear intensity over a large homogeneous area = the product's looks; for the
+    noise-removed S1, L (sigma0 / (sigma0 + NESZ))^2 = 3.78 for grass VV: subtracting the noise's mean leaves
+    its fluctuation."""
+    enl, expected = sim.homogeneous_enl(sensor, size=256)
+    s = sim.SENSORS[sensor]
+    assert expected == (pytest.approx(4.4 * 0.859, rel=0.01) if s.noise_removed else s.looks)
+    assert enl == pytest.approx(expected, rel=0.08)
 
 
 def test_texture_gives_the_k_distribution_variance():
-    """Forest: Gamma texture nu = 8 times 4.4-look speckle -> Var/mean^2 = (1 + 1/L)(1 + 1/nu) - 1."""
-    intensity = intensity_of(FOREST, "S1", "VV")
-    looks, nu = sim.SENSORS["S1"].looks, sim.TEXTURE_NU[FOREST]
+    """Forest: Gamma texture nu = 8 times 4.4-look speckle -> Var/mean^2 = (1 + 1/L)(1 + 1/nu) - 1 (no noise)."""
+    labels, heights = homogeneous(FOREST)
+    quiet = dataclasses.replace(sim.SENSORS["S1"], nesz_db=-100.0)
+    image, _ = sim.form_image(labels, heights, quiet, "VV", "intensity", np.random.default_rng(0), incidence_deg=35.0)
+    intensity = image[0].astype(np.float64)
+    looks, nu = quiet.looks, sim.TEXTURE_NU[FOREST]
     assert intensity.var() / intensity.mean() ** 2 == pytest.approx((1 + 1 / looks) * (1 + 1 / nu) - 1, rel=0.1)
 
 
@@ -109,6 +151,96 @@ def test_form_image_rejects_impossible_products():
         sim.form_image(labels, heights, sim.SENSORS["S1"], "VV", "real", np.random.default_rng(0))
 
 
+def test_form_image_rejects_impossible_multi_pol_and_dn_products():
+    labels, heights = homogeneous(OTHER, 8)
+    with pytest.raises(ValueError, match="no HV channel"):
+        sim.form_image(labels, heights, sim.SENSORS["X1"], ("VV", "HV"), "db", np.random.default_rng(0))
+    with pytest.raises(ValueError, match="multi-polarization product is detected"):
+        sim.form_image(labels, heights, sim.SENSORS["G3"], ("HH", "VV"), "complex", np.random.default_rng(0))
+    with pytest.raises(ValueError, match="calibrated floats, not DN"):
+        sim.form_image(labels, heights, sim.SENSORS["S1"], "VV", "dn", np.random.default_rng(0))
+
+
+def test_dual_pol_channels_image_the_same_scene():
+    """N-S1-VV+VH: channels VV, VH in that order, the label maps of N-S1-VV (same region and spacing), and
+    per channel and class the mean of that polarization's sigma0 table; speckle independent across channels."""
+    dual = sim.D("N", "S1", ("VV", "VH"))
+    assert dual.name == "N-S1-VV+VH-db" and dual.pols == ("VV", "VH") and dual in sim.EXTRA_DOMAINS
+    assert dual.meta()["channels"] == ["VV", "VH"] and dual.meta()["polarizations"] == ["VV", "VH"]
+    assert dual.meta()["noise_removed"] is True and dual.factors()["polarization"] == "VV+VH"
+    assert sim.D("N", "S1", ["VV", "VH"]) == dual                        # a list (from JSON) is the same domain
+    for i in range(3):
+        image, labels, _ = sim.simulate_tile(dual, "test", i, 64)
+        assert image.shape == (2, 64, 64) and np.array_equal(labels, sim.simulate_tile(sim.D("N", "S1", "VV"), "test", i, 64)[1])
+    # stripes of four untextured classes, seen in both polarizations at once
+    labels = np.repeat(np.array([OTHER, ROAD, WATER, BARE], np.uint8), 64)[:, None].repeat(256, 1)
+    image, _ = sim.form_image(labels, np.zeros(labels.shape), sim.SENSORS["S1"], ("VV", "VH"), "intensity",
+                              np.random.default_rng(0), incidence_deg=35.0)
+    for channel, pol in enumerate(("VV", "VH")):
+        for cls in (OTHER, ROAD, WATER, BARE):
+            mean = image[channel][labels == cls].astype(np.float64).mean()
+            assert mean == pytest.approx(expected_mean("S1", pol, cls), rel=0.05), (pol, cls)
+    other = labels == OTHER
+    assert abs(np.corrcoef(image[0][other], image[1][other])[0, 1]) < 0.03
+    quad, _ = sim.form_image(labels, np.zeros(labels.shape), sim.SENSORS["G3"], ("HH", "HV", "VH", "VV"), "db",
+                             np.random.default_rng(0), incidence_deg=35.0)
+    assert quad.shape == (4, 256, 256)
+
+
+def test_dn_round_trips_to_the_calibrated_amplitude():
+    """The same G3 scene and speckle as DN and as calibrated amplitude: DN / dn_scale = amplitude; DN are
+    uint16 integers; meta records dn_scale = units.SIM_DN_SCALE."""
+    from nanosar import units
+
+    labels, heights = sim.make_scene("N", 128, 8.0, np.random.default_rng(3))
+    dn, amplitude = (sim.form_image(labels, heights, sim.SENSORS["G3"], "HH", rep, np.random.default_rng(7),
+                                    region="N")[0] for rep in ("dn", "amplitude"))
+    assert np.array_equal(dn, np.round(dn)) and dn.min() >= 0 and dn.max() <= 65535 and np.median(dn) > 10
+    meta = sim.D("N", "G3", "HH", "dn").meta()
+    assert meta["unit"] == "dn" and meta["dn_scale"] == units.SIM_DN_SCALE == sim.DN_SCALE
+    assert "dn_scale" not in sim.D("N", "G3", "HH", "amplitude").meta()
+    np.testing.assert_allclose(units.dn_to_amplitude(dn, meta["dn_scale"]), amplitude, rtol=1e-6)
+    db = sim.form_image(labels, heights, sim.SENSORS["G3"], "HH", "db", np.random.default_rng(7), region="N")[0]
+    np.testing.assert_allclose(units.amplitude_to_db(units.dn_to_amplitude(dn[dn > 0], sim.DN_SCALE)), db[dn > 0],
+                               atol=1e-4)
+
+
+def test_dn_split_records_its_scale(tmp_path):
+    domain = sim.D("S", "L2", "HV", "dn")
+    sim.write_domain(str(tmp_path / "dn"), domain, "test", 2, 32)
+    split = Split(str(tmp_path / "dn"), verify=True)
+    assert split.unit == "dn" and split.meta["dn_scale"] == sim.DN_SCALE and split.images.max() > 1
+
+
+@pytest.mark.parametrize("region", list(sim.REGIONS))
+def test_scenes_have_large_homogeneous_areas(region):
+    """Some tiles of every region are (nearly) all one field, plain, lake or sea, as real scenes are."""
+    dominant = []
+    for i in range(24):
+        labels, _ = sim.make_scene(region, 128, 10.0, np.random.default_rng(i))
+        dominant.append(np.bincount(labels.ravel(), minlength=7).max() / labels.size)
+    assert max(dominant) > 0.85 and np.median(dominant) < 0.7
+
+
+def test_descriptor_table_reaches_the_looks_on_homogeneous_tiles():
+    """The router's ENL (on X' = log(1 + |x|)) of a homogeneous S1 tile in dB reaches the product's ENL
+    (3.78 noise-removed; log1p(x) ~ x - x^2 / 2 narrows the spread of x ~ 0.08 by about 10 %), and
+    descriptor_table has a row per sensor preset and per domain."""
+    import torch
+
+    from nanosar.model import SARConfig, sar_descriptors
+
+    labels, heights = homogeneous(OTHER, 128)
+    image, _ = sim.form_image(labels, heights, sim.SENSORS["S1"], "VV", "db", np.random.default_rng(0),
+                              incidence_deg=35.0)
+    entropy, enl, roughness = sar_descriptors(torch.from_numpy(image[None]), SARConfig(img_size=128)).numpy()[0]
+    assert 0.95 < enl / sim.homogeneous_enl("S1")[1] < 1.2
+    assert entropy > 0.98 * np.log(18) and roughness < 1e-4          # isotropic speckle, flat at the block scale
+    table = sim.descriptor_table(n_tiles=2, size=64)
+    for name in [*sim.SENSORS, *(d.name for d in sim.suite_domains() + sim.EXTRA_DOMAINS)]:
+        assert f"| {name}" in table
+
+
 # -----------------------------------------------------------------------------
 # the suite
 
@@ -153,11 +285,19 @@ def test_prepare_synthetic_writes_the_suite(tmp_path):
     out = tmp_path / "synth"
     main(["synthetic", "--out", str(out), "--tile", "32", "--train-tiles", "3", "--test-tiles", "2", "--workers", "1"])
     suite = __import__("json").loads((out / "suite.json").read_text())
-    assert len(suite["benchmarks"]) == 22
+    assert len(suite["benchmarks"]) == 22 and len(suite["domains"]) == 13
     for b in suite["benchmarks"]:
         for domain, split, n in ((b["source"], "train", 3), (b["target"], "test", 2)):
             s = Split(str(out / domain / split), verify=True)
             assert s.images.shape == (n, 2 if s.unit == "complex" else 1, 32, 32)
+    # the dual-pol Sentinel-1 domain beside them: both channels, in order, in meta and in the array
+    assert suite["extra_domains"] == ["N-S1-VV+VH-db"]
+    for split, n in (("train", 3), ("test", 2)):
+        s = Split(str(out / "N-S1-VV+VH-db" / split), verify=True)
+        assert s.images.shape == (n, 2, 32, 32) and s.channels == ["VV", "VH"] and s.unit == "db"
+        assert s.meta["polarizations"] == ["VV", "VH"] and s.meta["provenance"]["generator_version"] == 2
+        vv, vh = s.images[:].astype(np.float64).mean(axis=(0, 2, 3))
+        assert vv > vh + 4                                             # cross-pol darker by the tables
     assert not [p for p in os.listdir(out) if ".tmp-" in p]
 
 
@@ -208,7 +348,7 @@ def test_an_interrupted_rerun_with_new_settings_is_detected_and_resumed(tmp_path
     log = capsys.readouterr().out
     first = sim.suite_domains()[0].name
     assert f"{first}: resuming, keeping train (3 tiles) and test (2 tiles)" in log
-    assert "wrote 24 splits (kept 2)" in log
+    assert "wrote 26 splits (kept 2)" in log                # 13 + 1 extra domains x 2 splits
     assert seeds(out) == {1} and check_suite_complete(str(out))["seed"] == 1
     # a split written with other settings under a suite.json that says complete is caught too
     sim.write_domain(str(out / first / "test"), sim.suite_domains()[0], "test", 2, 32, seed=0)
