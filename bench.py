@@ -140,26 +140,18 @@ def ffn_layer(path, D, Dh, E, k):
 def segmenter_step(model, x, dtype, train):
     """A closure: one forward without grad (eval mode), or one training step (forward, backward, AdamW), of
     model on x (B, C, H, W) sigma0 in dB, under autocast to dtype."""
-    def autocast():
-        return torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32)
-
-    def forward():
-        with torch.no_grad(), autocast():
-            model(x)
+    model.train(train)
+    if train:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=x.is_cuda)
+        labels = torch.randint(0, model.cfg.num_classes, (x.shape[0], *x.shape[-2:]), device=x.device)
 
     def step():
-        with autocast():
+        with torch.set_grad_enabled(train), torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
             out = model(x)
-            loss = F.cross_entropy(out.logits.float(), labels) + out.aux_loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    model.train(train)
-    if not train:
-        return forward
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=x.is_cuda)
-    labels = torch.randint(0, model.cfg.num_classes, (x.shape[0], *x.shape[-2:]), device=x.device)
+        if train:
+            (F.cross_entropy(out.logits.float(), labels) + out.aux_loss).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     return step
 
 
@@ -276,7 +268,8 @@ def bench_segmenters(args, device, dtype, train, paths, compiled=False):
     """Tiles/s and peak memory of a forward (or a training step) of each preset on each MoE path, next to the
     dense ViT of the same active size (targets, large: training >= 0.85x dense with batch 16 fitting; compiled
     forward >= 0.95x compiled dense). With compiled, also under torch.compile(model), default mode ("compile s":
-    the first compiled call); a failed compile prints its error's first line and the run goes on."""
+    the first compiled call, shorter when inductor's on-disk cache holds the graphs from an earlier run); a
+    failed compile prints its error's first line and the run goes on."""
     batch = args.train_batch if train else args.batch
     what = "training step (forward, backward, AdamW)" if train else "forward"
     print(f"\n== {'eager and compiled ' if compiled else ''}{what}, {args.size}x{args.size}, batch {batch}, "

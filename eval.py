@@ -32,19 +32,21 @@ from nanosar.files import release_freed_memory, write_atomic, write_text_atomic
 from nanosar.geotiff import TiffWindows, write_tiled_geotiff
 from nanosar.metrics import evaluate
 from nanosar.model import SARConfig, Segmenter
-from nanosar.units import UNITS, check_plausible
+from nanosar.units import MAGNITUDE_UNITS, UNITS, check_plausible
 
 # -----------------------------------------------------------------------------
 # models and their input contract
 
 
-def load_model(path, device):
+def load_model(path, device, compile=False):
     """Segmenter in eval mode from a train.py checkpoint (only its model, model_args and config are read,
-    checksums verified), and that part of the checkpoint dict."""
+    checksums verified), and that part of the checkpoint dict. compile: torch.compile it (the fast path
+    compiles whole; attributes such as .cfg stay reachable)."""
     ckpt = load_checkpoint(path, parts=("model", "model_args", "config"))
     model = Segmenter(SARConfig(**ckpt["model_args"]))
     model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
+    model = model.to(device).eval()
+    return (torch.compile(model) if compile else model), ckpt
 
 
 def check_contract(cfg, meta, allowed, where):
@@ -203,7 +205,7 @@ def run_suite(args, device, rank, world):
             if path is None:
                 continue
             if path not in cache:                                    # each checkpoint is read once
-                cache[path] = load_model(path, device)
+                cache[path] = load_model(path, device, args.compile)
             model, _ = cache[path]
             target = os.path.join(args.data, bench["target"], args.split)
             split = Split(target)
@@ -296,7 +298,11 @@ def scene_pixels(scene, model_cfg, unit):
         raise ValueError(f"{scene.path}: {bands} band(s){' (re, im)' if complex_file else ''}, but the model expects "
                          f"{model_cfg.in_chans} {list(model_cfg.channels)} in unit {model_cfg.input_unit!r}")
     nodata = scene.nodata
-    fill = torch.tensor(model_cfg.pixel_mean or [0.0] * model_cfg.in_chans).view(-1, 1, 1)
+    # no-data: non-finite, the declared GDAL_NODATA, or 0 in a magnitude unit. It is filled with 0 there
+    # (which the model's descriptors leave out), else with the normalisation mean; predicted as 255
+    magnitude = model_cfg.input_unit in MAGNITUDE_UNITS
+    fill = torch.tensor([0.0] * model_cfg.in_chans if magnitude or not model_cfg.pixel_mean else
+                        model_cfg.pixel_mean).view(-1, 1, 1)
 
     def raw(y0, y1, x0, x1):
         window = scene.read(y0, y1, x0, x1)
@@ -308,6 +314,8 @@ def scene_pixels(scene, model_cfg, unit):
         bad = ~torch.isfinite(window).all(0)
         if nodata is not None:
             bad |= (window == nodata).all(0)
+        if magnitude:
+            bad |= (window == 0).all(0)
         return bad
 
     def read(y0, y1, x0, x1):
@@ -350,7 +358,7 @@ def predict_scene(args, device):
     """Sliding-window prediction of a large GeoTIFF, block by block (memory independent of the scene size),
     written as a tiled, deflate-compressed GeoTIFF of class ids with the input's georeferencing."""
     check_output_path(args.out, [args.predict, args.ckpt[0]])
-    model, _ = load_model(args.ckpt[0], device)
+    model, _ = load_model(args.ckpt[0], device, args.compile)
     cfg = model.cfg
     scene = TiffWindows(args.predict)
     if not scene.geo:
@@ -429,6 +437,7 @@ def main(argv=None):
     parser.add_argument("--block", type=int, default=1024, help="predict: pixels per output block and TIFF tile")
     parser.add_argument("--unit", choices=UNITS,
                         help="predict: the scene's pixel unit, checked against the model's")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on a GPU)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto = cuda if available (default: %(default)s)")
     args = parser.parse_args(argv)

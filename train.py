@@ -232,9 +232,9 @@ def save(path, state, keep_previous=False):
 def main(argv):
     if {"-h", "--help"} & set(argv):
         return print_help()
-    config = parse_config(argv, {**{k: globals()[k] for k in TRAIN_KEYS}, **MODEL_DEFAULTS}, fail)
+    config, given = parse_config(argv, {**{k: globals()[k] for k in TRAIN_KEYS}, **MODEL_DEFAULTS}, fail)
     cfg = {k: config[k] for k in TRAIN_KEYS}
-    model_overrides = {k: v for k, v in config.items() if k in MODEL_DEFAULTS and v != MODEL_DEFAULTS[k]}
+    model_overrides = {k: config[k] for k in MODEL_DEFAULTS if k in given}     # the rest: the preset's
     validate_config(cfg)
     cfg["model"] = model_overrides                            # saved with the checkpoints
     rank, world, device = init_distributed(cfg["device"])

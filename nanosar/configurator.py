@@ -2,7 +2,7 @@
 nanoGPT's configurator, for train.py: defaults are plain values; config files (python files of plain
 assignments) and then --key=value arguments override them, type-checked against the defaults.
 
-    config = parse_config(sys.argv[1:], {"max_iters": 200, "learning_rate": 1e-3, ...}, fail)
+    config, given = parse_config(sys.argv[1:], {"max_iters": 200, "learning_rate": 1e-3, ...}, fail)
 """
 
 import ast
@@ -11,13 +11,14 @@ import re
 
 
 def parse_config(argv, defaults, fail):
-    """argv (config files and --key=value) applied to a copy of `defaults` (key -> default value).
+    """argv (config files and --key=value) applied to a copy of `defaults` (key -> default value) ->
+    (config dict, set of the keys the arguments assigned).
 
     Values are Python literals (a bare word is a string), converted int -> float and list -> tuple where
     the default asks for it, and must then have the default's type. fail(message) is called on an
     unknown key, a wrong type, a missing or broken config file.
     """
-    config = dict(defaults)
+    config, given = dict(defaults), set()
 
     def assign(key, value, where):
         if key not in defaults:
@@ -30,6 +31,7 @@ def parse_config(argv, defaults, fail):
         if type(value) is not expected:
             fail(f"{where}: {key} must be a {expected.__name__}, got {value!r}")
         config[key] = value
+        given.add(key)
 
     for arg in argv:
         if arg.startswith("--"):
@@ -52,7 +54,7 @@ def parse_config(argv, defaults, fail):
             fail(f"config file {arg}: {type(e).__name__}: {e}")
         for key, value in values.items():
             assign(key, value, arg)
-    return config
+    return config, given
 
 
 def key_comments(*sources):

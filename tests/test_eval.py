@@ -322,3 +322,17 @@ def test_a_scene_smaller_than_the_window_is_predicted_as_in_context(trained_ckpt
     mirror, zero = np.mean(agree_mirror), np.mean(agree_zero)
     print(f"agreement with the in-context prediction: mirrored {mirror:.3f}, zero-padded {zero:.3f}")
     assert mirror > zero + 0.1
+
+
+def test_predict_writes_255_on_the_zero_border_of_a_magnitude_scene(tmp_path):
+    """A real GF-3 product's zero-filled border is no-data: 255 in the mask, never a class."""
+    path = str(tmp_path / "amp.pt")
+    save_checkpoint(path, SARConfig.preset("tiny", input_unit="dn", channels=("HH",),
+                                           class_names=tuple(sim.CLASSES_7)), "x/N-G3-HH-dn")
+    image = np.random.default_rng(0).gamma(1.0, 300.0, (100, 90)).astype(np.float32) + 1.0
+    image[:, :25] = 0.0                                             # the zero-filled border
+    scene, mask = str(tmp_path / "scene.tif"), str(tmp_path / "mask.tif")
+    write_scene(scene, image)
+    E.main(["--predict", scene, "--ckpt", path, "--out", mask, "--unit", "dn"])
+    out = tifffile.imread(mask)
+    assert (out[:, :25] == 255).all() and (out[:, 25:] < 7).all()

@@ -1,4 +1,5 @@
-"""The C++ (CPU) and CUDA kernels of csrc/ against the pure-PyTorch references in nanosar/model.py.
+"""The C++ (CPU) and CUDA kernels of csrc/ against the pure-PyTorch references in nanosar/model.py; the
+custom operators around them (torch.library.opcheck), grouped_linear against a plain loop, kernel_devices.
 
 CPU tests need the extension (pip install --no-build-isolation -e .); they are skipped without it, except
 that NANOSAR_REQUIRE_EXT=1 (set by CI) turns a missing extension into a failure. GPU tests are marked
@@ -398,10 +399,9 @@ def test_opcheck_permute_and_combine(T, E, k, dtype, requires_grad):
     torch.library.opcheck(OPS.combine_backward.default, (torch.randn(T, 5, dtype=dtype), expert_out, gates, order))
 
 
+@needs_ext
 def test_kernel_ops_keep_the_reference_signatures_on_meta():
     """The fake functions give every output's shape and dtype without running anything (the meta device)."""
-    if EXT is None:
-        pytest.skip("nanosar._C not built")
     T, E, k, D = 11, 6, 2, 4
     logits = torch.empty(T, E, device="meta", dtype=torch.bfloat16)
     expert_idx, gates, counts, mean_prob, z_loss = moe_ops.gating(logits, k)
