@@ -28,11 +28,11 @@ from nanosar import suites
 from nanosar.checkpoint import load_checkpoint
 from nanosar.data import IGNORE, Split, load_batch, tile_positions
 from nanosar.distributed import close_distributed, init_distributed
-from nanosar.files import release_freed_memory, write_atomic, write_text_atomic
+from nanosar.files import check_output_path, release_freed_memory, write_atomic, write_text_atomic
 from nanosar.geotiff import TiffWindows, write_tiled_geotiff
 from nanosar.metrics import evaluate
 from nanosar.model import SARConfig, Segmenter
-from nanosar.units import MAGNITUDE_UNITS, UNITS, check_plausible
+from nanosar.units import MAGNITUDE_UNITS, UNITS, check_plausible, nodata_mask
 
 # -----------------------------------------------------------------------------
 # models and their input contract
@@ -297,47 +297,27 @@ def scene_pixels(scene, model_cfg, unit):
     if bands != model_cfg.in_chans:
         raise ValueError(f"{scene.path}: {bands} band(s){' (re, im)' if complex_file else ''}, but the model expects "
                          f"{model_cfg.in_chans} {list(model_cfg.channels)} in unit {model_cfg.input_unit!r}")
-    nodata = scene.nodata
-    # no-data: non-finite, the declared GDAL_NODATA, or 0 in a magnitude unit. It is filled with 0 there
-    # (which the model's descriptors leave out), else with the normalisation mean; predicted as 255
-    magnitude = model_cfg.input_unit in MAGNITUDE_UNITS
+    # no-data (units.nodata_mask: non-finite, the declared GDAL_NODATA, or 0 in a magnitude unit) is filled
+    # with 0 in a magnitude unit (which the model's descriptors leave out), else with the normalisation
+    # mean, and predicted as 255
+    model_unit = model_cfg.input_unit
+    magnitude = model_unit in MAGNITUDE_UNITS
     fill = torch.tensor([0.0] * model_cfg.in_chans if magnitude or not model_cfg.pixel_mean else
                         model_cfg.pixel_mean).view(-1, 1, 1)
 
     def raw(y0, y1, x0, x1):
         window = scene.read(y0, y1, x0, x1)
-        if complex_file:
-            window = np.concatenate([window.real, window.imag])
-        return torch.from_numpy(np.array(window, dtype=np.float32))                # a writable copy
+        return np.concatenate([window.real, window.imag]) if complex_file else window
 
-    def invalid(window):
-        bad = ~torch.isfinite(window).all(0)
-        if nodata is not None:
-            bad |= (window == nodata).all(0)
-        if magnitude:
-            bad |= (window == 0).all(0)
-        return bad
+    def invalid(y0, y1, x0, x1):
+        return torch.from_numpy(nodata_mask(raw(y0, y1, x0, x1), model_unit, scene.nodata))
 
     def read(y0, y1, x0, x1):
         window = raw(y0, y1, x0, x1)
-        return torch.where(invalid(window)[None], fill, window)
+        bad = torch.from_numpy(nodata_mask(window, model_unit, scene.nodata))
+        return torch.where(bad[None], fill, torch.from_numpy(np.array(window, dtype=np.float32)))
 
-    return read, lambda *r: invalid(raw(*r))
-
-
-def check_output_path(out, inputs):
-    """Refuse an output that is a folder, sits in a missing folder, or is one of the inputs (also through
-    links): the input would be replaced by the mask."""
-    if os.path.isdir(out):
-        raise ValueError(f"--out {out} is a directory; give the output file name, e.g. {out.rstrip('/')}/mask.tif")
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise ValueError(f"--out {out}: the folder {folder} does not exist")
-    for path in inputs:
-        if os.path.exists(out) and os.path.exists(path) and os.path.samefile(out, path):
-            raise ValueError(f"--out {out} is the input {path}: it would be overwritten; choose another name")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"--out {out}: cannot write to {folder} (read-only or no permission)")
+    return read, invalid
 
 
 def check_scene_values(scene, unit, path):
@@ -357,7 +337,7 @@ def check_scene_values(scene, unit, path):
 def predict_scene(args, device):
     """Sliding-window prediction of a large GeoTIFF, block by block (memory independent of the scene size),
     written as a tiled, deflate-compressed GeoTIFF of class ids with the input's georeferencing."""
-    check_output_path(args.out, [args.predict, args.ckpt[0]])
+    check_output_path(args.out, [args.predict, args.ckpt[0]])   # never replace an input
     model, _ = load_model(args.ckpt[0], device, args.compile)
     cfg = model.cfg
     scene = TiffWindows(args.predict)

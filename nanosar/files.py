@@ -63,21 +63,28 @@ def remove_path(path):
             pass
 
 
-def remove_stale_temporaries(folder, name=None):
-    """Remove `*.tmp-PID` files and folders in `folder` whose process is dead (or is this process, which
-    has none open yet when it calls this); only `<name>.tmp-PID` when `name` is given (for a folder shared
-    with other data). Returns the removed names."""
+def leftovers_of_dead_processes(folder, pattern, name=None):
+    """(entry, match) for the entries of `folder` named by `pattern` (TMP_PATTERN, OLD_PATTERN) whose
+    process is dead, or is this one (which has none in use when it asks); only `<name>.*` when given."""
     if not os.path.isdir(folder):
-        return []
-    removed = []
+        return
     for entry in sorted(os.listdir(folder)):
-        match = TMP_PATTERN.match(entry)
+        match = pattern.match(entry)
         if match is None or (name is not None and match["name"] != name):
             continue
         pid = int(match["pid"])
         if pid == os.getpid() or not pid_alive(pid):
-            remove_path(os.path.join(folder, entry))
-            removed.append(entry)
+            yield entry, match
+
+
+def remove_stale_temporaries(folder, name=None):
+    """Remove `*.tmp-PID` files and folders in `folder` whose process is dead (or is this process, which
+    has none open yet when it calls this); only `<name>.tmp-PID` when `name` is given (for a folder shared
+    with other data). Returns the removed names."""
+    removed = []
+    for entry, _ in leftovers_of_dead_processes(folder, TMP_PATTERN, name):
+        remove_path(os.path.join(folder, entry))
+        removed.append(entry)
     return removed
 
 
@@ -106,15 +113,8 @@ def restore_stale_backups(folder, name=None):
     replacing anything when it calls this) in `folder`: put one back under its name if nothing took that
     name (the process died between its two renames), else remove it; only `<name>.old-PID` when `name`
     is given. Returns the names acted on."""
-    if not os.path.isdir(folder):
-        return []
     done = []
-    for entry in sorted(os.listdir(folder)):
-        match = OLD_PATTERN.match(entry)
-        if match is None or (name is not None and match["name"] != name):
-            continue
-        if int(match["pid"]) != os.getpid() and pid_alive(int(match["pid"])):
-            continue
+    for entry, match in leftovers_of_dead_processes(folder, OLD_PATTERN, name):
         backup, final = os.path.join(folder, entry), os.path.join(folder, match["name"])
         if os.path.exists(final):
             remove_path(backup)
@@ -233,3 +233,18 @@ def release_freed_memory():
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def check_output_path(out, inputs):
+    """ValueError for an output file that is a folder, sits in a missing or read-only folder, or is one of
+    the `inputs` (also through links), which writing it would destroy."""
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a directory; give the output file name, e.g. {out.rstrip('/')}/mask.tif")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {out}: the folder {folder} does not exist")
+    for path in inputs:
+        if os.path.exists(out) and os.path.exists(path) and os.path.samefile(out, path):
+            raise ValueError(f"--out {out} is the input {path}: it would be overwritten; choose another name")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {out}: cannot write to {folder} (read-only or no permission)")
