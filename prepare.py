@@ -4,6 +4,7 @@ with images.npy (N, C, H, W) float16 in a declared unit, labels.npy (N, H, W) ui
 tiles.jsonl and meta.json.
 
     python prepare.py synthetic --out data/synth                 # the embedded default: the synthetic DG suite
+    python prepare.py corpus --out data/corpus                   # the simulated pre-training corpus (ablation)
     python prepare.py <dataset> --root PATH --out DIR [--split train] [--tile N] [--overlap N]
     python prepare.py --help                                     # every dataset: layout, source, unit
 
@@ -13,6 +14,11 @@ for the extra domains beside them (sim.EXTRA_DOMAINS: a dual-pol Sentinel-1 VV+V
 "extra_domains" and the settings, with "complete": true only once every domain is written. Rerunning
 an interrupted run resumes it: splits already written with the same settings are kept, the others
 regenerated.
+
+The corpus writes <out>/<domain>/{cpt,heldout} for the 336 single-polarization domains of
+sim.corpus_domains() (7 sensors x their polarizations x dB / amplitude / SLC real / SLC imaginary x 4
+regions) and <out>/corpus.json listing them with their factors, resumable in the same way. Its scenes
+never appear in a benchmark split (they are seeded by the split names "cpt" and "heldout").
 
 Bad input (a missing folder, a damaged file, a full disk) ends with one line on stderr,
 `prepare.py: error: <file>: <what is wrong and what to do>`, and exit status 2.
@@ -90,55 +96,77 @@ def _run(jobs, workers):
             raise
 
 
-def prepare_synthetic(out, tile=128, train_tiles=256, test_tiles=64, seed=0, workers=2):
-    """Simulate every domain of the suite (train and test splits) and write suite.json.
+def simulate_domains(out, domains, tiles, tile, seed, workers, index_name, index):
+    """Simulate tiles[split] tiles of tile x tile pixels of every domain into <out>/<domain>/<split>, and
+    the index file <out>/<index_name> (the dict `index` plus "complete" and the settings).
 
-    suite.json is written first with "complete": false and the settings (tile, seed, tiles per split,
-    generator version), and rewritten with "complete": true at the end, so an interrupted run is never
-    mistaken for a finished one (nanosar.data.check_suite_complete). A rerun keeps every split already
-    written with the same settings (resume) and regenerates the others, so domains of two settings are
-    never mixed. Debris of killed runs is cleaned up first; a second run on the same folder is refused.
+    The index is written first with "complete": false, and rewritten with "complete": true at the end, so
+    an interrupted run is never mistaken for a finished one (nanosar.data.check_suite_complete). A rerun
+    keeps every split already written with the same settings (resume) and regenerates the others, so
+    splits of two settings are never mixed. Debris of killed runs is cleaned up first; a second run on
+    the same folder is refused.
     """
-    tiles = {"train": train_tiles, "test": test_tiles}
-    domains = sim.suite_domains() + sim.EXTRA_DOMAINS   # the benchmarks' domains, then those in no benchmark
     t0 = time.time()
+    index = {**index, "complete": False, "tile": tile, "seed": seed, "tiles": tiles,
+             "generator_version": sim.GENERATOR_VERSION}
     with RunLock(out):
         remove_stale_temporaries(out)
-        suite = {
-            "name": "synthetic",
-            "description": "nanosar's simulated SAR domain-generalization suite: 12 single-gap and 10 multi-gap "
-                           "sub-benchmarks over the paper's 8 gap types",
-            "complete": False,
-            "tile": tile, "seed": seed, "tiles": tiles, "generator_version": sim.GENERATOR_VERSION,
-            "domains": [d.name for d in sim.suite_domains()],
-            "extra_domains": [d.name for d in sim.EXTRA_DOMAINS],     # written beside them, in no benchmark
-            "benchmarks": [
-                {"code": code, "gap": gap, "factors": sorted(sim.GAP_FACTORS[gap]), "source": source.name,
-                 "target": target.name, "group": "single-gap" if "+" not in gap else "multi-gap"}
-                for code, gap, source, target in sim.BENCHMARKS
-            ],
-        }
-        write_text_atomic(os.path.join(out, "suite.json"), json.dumps(suite, indent=1))
-        jobs = []
+        write_text_atomic(os.path.join(out, index_name), json.dumps(index, indent=1))
+        jobs, kept = [], 0
         for d in domains:
             clean_split_debris(os.path.join(out, d.name))
             todo = {split: n for split, n in tiles.items()
                     if not _written_with(os.path.join(out, d.name, split), d, split, n, tile, seed)}
-            kept = [f"{split} ({n} tiles)" for split, n in tiles.items() if split not in todo]
-            if kept:
-                print(f"{d.name}: resuming, keeping {' and '.join(kept)} already written with tile {tile}, "
-                      f"seed {seed}", flush=True)
+            kept += len(tiles) - len(todo)
             if todo:
                 jobs.append((out, d, todo, tile, seed))
+        if kept:
+            print(f"resuming: keeping {kept} splits already written with tile {tile}, seed {seed}", flush=True)
+        every = max(1, len(jobs) // 20)                   # about 20 progress lines however many domains
         for i, (job, name) in enumerate(zip(jobs, _run(jobs, workers))):
-            written = " + ".join(f"{n} {split}" for split, n in job[2].items())
-            print(f"[{i + 1}/{len(jobs)}] {name}: {written} tiles of {tile}x{tile} ({time.time() - t0:.0f} s)",
-                  flush=True)
-        suite["complete"] = True
-        write_text_atomic(os.path.join(out, "suite.json"), json.dumps(suite, indent=1))
+            if (i + 1) % every == 0 or i + 1 == len(jobs):
+                written = " + ".join(f"{n} {split}" for split, n in job[2].items())
+                print(f"[{i + 1}/{len(jobs)}] {name}: {written} tiles of {tile}x{tile} ({time.time() - t0:.0f} s)",
+                      flush=True)
+        index["complete"] = True
+        write_text_atomic(os.path.join(out, index_name), json.dumps(index, indent=1))
     written = sum(len(job[2]) for job in jobs)
-    print(f"wrote {written} splits (kept {len(domains) * len(tiles) - written}) and {out}/suite.json "
-          f"in {time.time() - t0:.0f} s")
+    print(f"wrote {written} splits (kept {kept}) and {out}/{index_name} in {time.time() - t0:.0f} s")
+
+
+def prepare_synthetic(out, tile=128, train_tiles=256, test_tiles=64, seed=0, workers=2):
+    """Simulate every domain of the suite (train and test splits) and write suite.json (simulate_domains)."""
+    suite = {
+        "name": "synthetic",
+        "description": "nanosar's simulated SAR domain-generalization suite: 12 single-gap and 10 multi-gap "
+                       "sub-benchmarks over the paper's 8 gap types",
+        "domains": [d.name for d in sim.suite_domains()],
+        "extra_domains": [d.name for d in sim.EXTRA_DOMAINS],     # written beside them, in no benchmark
+        "benchmarks": [
+            {"code": code, "gap": gap, "factors": sorted(sim.GAP_FACTORS[gap]), "source": source.name,
+             "target": target.name, "group": "single-gap" if "+" not in gap else "multi-gap"}
+            for code, gap, source, target in sim.BENCHMARKS
+        ],
+    }
+    domains = sim.suite_domains() + sim.EXTRA_DOMAINS   # the benchmarks' domains, then those in no benchmark
+    simulate_domains(out, domains, {"train": train_tiles, "test": test_tiles}, tile, seed, workers, "suite.json",
+                     suite)
+
+
+def prepare_corpus(out, tile=64, cpt_tiles=8, heldout_tiles=2, seed=0, workers=2):
+    """Simulate the continued-pre-training corpus (sim.corpus_domains: every sensor, polarization,
+    representation and region) into <out>/<domain>/{cpt,heldout} and write corpus.json, which lists each
+    domain with its factors (simulate_domains). Its scenes are disjoint from every benchmark split's."""
+    domains = sim.corpus_domains()
+    corpus = {
+        "name": "corpus",
+        "description": "nanosar's simulated continued-pre-training corpus: every sensor preset, polarization, "
+                       "representation and region, single-polarization tiles",
+        "domains": [{"name": d.name, "unit": d.representation, "sensor": d.sensor, **d.factors()} for d in domains],
+    }
+    cpt, heldout = sim.CORPUS_SPLITS
+    simulate_domains(out, domains, {cpt: cpt_tiles, heldout: heldout_tiles}, tile, seed, workers, "corpus.json",
+                     corpus)
 
 
 def _one_line(error):
@@ -175,7 +203,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"datasets and the on-disk layouts their converters expect:\n\n{layouts}")
-    parser.add_argument("dataset", choices=["synthetic", *CONVERTERS], help="what to prepare")
+    parser.add_argument("dataset", choices=["synthetic", "corpus", *CONVERTERS], help="what to prepare")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--root", help="the dataset's folder as downloaded (not for synthetic)")
     parser.add_argument("--split", default="train",
@@ -184,7 +212,7 @@ def main(argv=None):
     parser.add_argument("--split-list", help="real datasets: a text file naming the images of the split, one a line "
                                              "(overrides the official list)")
     parser.add_argument("--tile", type=int, default=None,
-                        help="tile size in pixels (synthetic 128; real: the dataset's, 512 or 256 for ddhr_sk, sarbud)")
+                        help="tile size in pixels (synthetic 128, corpus 64; real: the dataset's, 512 or 256 for ddhr_sk, sarbud)")
     parser.add_argument("--overlap", type=int, default=None,
                         help="overlap of tiles cut from larger scenes (real: 64, 0 for ddhr_sk and sarbud)")
     parser.add_argument("--taxonomy", choices=["7class", "native"], default="7class",
@@ -195,14 +223,19 @@ def main(argv=None):
     parser.add_argument("--scenes", help="air_polsar_seg2: scene tags to convert, e.g. bj,sh (default: all)")
     parser.add_argument("--train-tiles", type=int, default=256, help="synthetic: training tiles per domain")
     parser.add_argument("--test-tiles", type=int, default=64, help="synthetic: test tiles per domain")
-    parser.add_argument("--seed", type=int, default=0, help="synthetic: seed (same seed, same bytes)")
+    parser.add_argument("--cpt-tiles", type=int, default=8, help="corpus: pre-training tiles per domain")
+    parser.add_argument("--heldout-tiles", type=int, default=2, help="corpus: held-out tiles per domain")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic, corpus: seed (same seed, same bytes)")
     parser.add_argument("--workers", type=int, default=2, help="synthetic: processes (1 = in this process)")
     args = parser.parse_args(argv)
-    if args.dataset != "synthetic" and not args.root:
+    if args.dataset not in ("synthetic", "corpus") and not args.root:
         parser.error(f"{args.dataset} needs --root, the folder of the downloaded dataset")
     try:
         if args.dataset == "synthetic":
             prepare_synthetic(args.out, args.tile or 128, args.train_tiles, args.test_tiles, args.seed, args.workers)
+            return 0
+        if args.dataset == "corpus":
+            prepare_corpus(args.out, args.tile or 64, args.cpt_tiles, args.heldout_tiles, args.seed, args.workers)
             return 0
         path = CONVERTERS[args.dataset](args.root, args.out, split=args.split, taxonomy=args.taxonomy,
                                         **_converter_options(args))

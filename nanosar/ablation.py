@@ -1,21 +1,53 @@
 """
-Building blocks of the routing ablation (issue 12): how much routing follows physics, confidence intervals,
-and the frozen-backbone feature cache that makes many heads and seeds affordable.
+The routing ablation (the paper's Sec. 4.4) under the paper's protocol, at laptop scale, in one command:
 
-    1. normalized_mutual_information, share_of_tokens: does the chosen expert follow a domain factor?
-    2. paired_bootstrap_ci, mean_std, format_mean_std: the numbers of the ablation table
-    3. cached_features, head_logits_from_cache: the DG protocol's frozen backbone, computed once
+    python -m nanosar.ablation --out runs/ablation            # full: 6 rows x 3 seeds (~1 h on 2 CPU cores)
+    python -m nanosar.ablation --out runs/ablation_quick --quick   # 6 rows x 1 seed, fewer steps (~10 min)
 
-Pure functions over numpy arrays and torch modules; no state, no plotting, no files.
+For every row (ROWS: dense ViT of the same active size, MoE with a token-only router without and with the
+balance loss, the physics router with the balance loss = the full model, and the full model under each
+gate mode) and seed:
+  1. cpt: pre-train backbone + head on the simulated corpus (prepare.py corpus: every sensor, polarization,
+     representation and region, scenes disjoint from the benchmarks'), each tile in its own unit;
+  2. dg: freeze the backbone, compute its features once for the 13 domains of the synthetic suite, train a
+     fresh head on each of the 12 sources of the 22 sub-benchmarks, score it (mIoU) on its targets;
+  3. routing: on held-out corpus tiles, the normalised mutual information between each block's chosen
+     expert and each domain factor (sensor, band, polarization, representation, region; the land-cover
+     class of the patch for comparison), and each factor value's share of tokens per expert.
+Then results.md: the table (mean +- std over seeds), the paired differences of the full model with 95 %
+bootstrap intervals, the routing tables. Finished runs are skipped, an interrupted pre-training resumes
+from its checkpoint; a progress line per run gives the time left. Nothing is tuned on a target: the
+steps and learning rates are fixed below, and no run or checkpoint is selected.
+
+Mixed units. The corpus mixes dB, linear amplitude and the real and imaginary parts of the SLC, which one
+SARConfig.input_unit cannot describe. Each tile is therefore normalised with the corpus statistics of its
+own unit (unit_statistics: a mean and std per unit, from pre-training tiles only) and its descriptors
+are computed in its own unit (model_inputs); the unit is product metadata, known at test time too.
+
+Sections: 1. routing vs domain factors; 2. numbers of the table; 3. inputs of mixed units and the feature
+cache; 4. the protocol (pre-training, heads, scores, routing); 5. the runner and its report.
 """
 
+import argparse
+import dataclasses
+import json
 import math
+import os
+import subprocess
+import sys
+import time
+import zlib
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from nanosar.model import check_input, router_features, sar_descriptors
+from nanosar import sim
+from nanosar.checkpoint import load_checkpoint, save_checkpoint
+from nanosar.data import CLASSES_7, Split, check_suite_complete, dihedral
+from nanosar.files import RunLock, RunLockedError, remove_stale_temporaries, write_text_atomic
+from nanosar.metrics import confusion_matrix, segmentation_scores
+from nanosar.model import FPNHead, SARConfig, Segmenter, check_input, router_features, sar_descriptors
 
 # -----------------------------------------------------------------------------
 # 1. Routing vs domain factors
@@ -110,38 +142,564 @@ def format_mean_std(values, digits=1):
 
 
 # -----------------------------------------------------------------------------
-# 3. The frozen backbone's features, computed once
+# 3. Inputs of mixed units, and the frozen backbone's features computed once
 
 
-def cached_features(segmenter, images, batch=16):
-    """The backbone's 4 feature maps for every tile, as Segmenter.forward computes them, without gradient
-    and in eval mode (the module's mode is restored after). images: (N, C, H, W) in cfg.input_unit ->
-    (N, 4, D, H/p, W/p) float32 on images' device, the maps of cfg.feature_layers in order; batch tiles a pass.
+def unit_statistics(images, units):
+    """Mean and std of the pixels of each unit. images: (N, C, H, W), units: N unit names -> {unit: (mean,
+    std)} (floats, in that unit: dB, linear amplitude, ...), the normalisation model_inputs applies."""
+    units = np.asarray(units)
+    stats = {}
+    for unit in sorted(set(units.tolist())):
+        pixels = images[torch.from_numpy(np.flatnonzero(units == unit))].double()
+        stats[unit] = (float(pixels.mean()), float(max(pixels.std(correction=0).item(), 1e-6)))
+    return stats
+
+
+def model_inputs(segmenter, x, units=None, unit_stats=None):
+    """What Segmenter.forward feeds its backbone: normalised pixels (B, C, H, W) and raw descriptors (B, 3).
+
+    units None: the model's own contract (cfg.input_unit, pixel_mean, pixel_std): exactly Segmenter.forward.
+    Else units: B unit names, one per tile, and unit_stats {unit: (mean, std)}: each tile is normalised with
+    its unit's statistics and its descriptors computed in its unit (a batch mixing dB, amplitude and SLC
+    parts). segmenter.forward_prepared(*model_inputs(...)) is then the forward pass.
     """
+    cfg = segmenter.cfg
+    check_input(x, cfg)
+    if units is None:
+        return (x - segmenter.pixel_mean) / segmenter.pixel_std, sar_descriptors(x, cfg)
+    if len(units) != len(x):
+        raise ValueError(f"{len(units)} units for {len(x)} tiles")
+    x_norm, s_raw = torch.empty_like(x), x.new_empty(len(x), 3)
+    units = np.asarray(units)
+    for unit in sorted(set(units.tolist())):
+        if unit not in unit_stats:
+            raise ValueError(f"no normalisation statistics for unit {unit!r} (known: {sorted(unit_stats)})")
+        rows = torch.from_numpy(np.flatnonzero(units == unit)).to(x.device)
+        mean, std = unit_stats[unit]
+        x_norm[rows] = (x[rows] - mean) / std
+        s_raw[rows] = sar_descriptors(x[rows], dataclasses.replace(cfg, input_unit=unit))
+    return x_norm, s_raw
+
+
+def backbone_pass(segmenter, images, units=None, unit_stats=None, batch=64):
+    """The frozen backbone over N tiles, in eval mode without gradient (the module's mode is restored).
+    images: (N, C, H, W) -> features (N, 4, D, H/p, W/p) float32 (the maps of cfg.feature_layers in order)
+    and expert ids (L, N, T) int64 of the top-1 expert per token and MoE block ((0, N, T) when dense)."""
     cfg, device = segmenter.cfg, segmenter.pixel_mean.device
     images = torch.as_tensor(images)
-    check_input(images, cfg)
-    was_training, out = segmenter.training, []
+    h, w = images.shape[-2] // cfg.patch_size, images.shape[-1] // cfg.patch_size
+    T = 1 + cfg.num_register_tokens + h * w
+    features, experts = [], []
+    was_training = segmenter.training
     segmenter.eval()
     try:
         with torch.no_grad():
             for i in range(0, len(images), batch):
-                x = images[i : i + batch].to(device)                                 # (b, C, H, W)
-                s = router_features(sar_descriptors(x, cfg), cfg.entropy_bins) if cfg.descriptor_dim else None
-                features, _ = segmenter.backbone((x - segmenter.pixel_mean) / segmenter.pixel_std, s)
-                out.append(torch.stack(features, dim=1).float().to(images.device))  # (b, 4, D, h, w)
+                x = images[i : i + batch].to(device)                                   # (b, C, H, W)
+                x_norm, s_raw = model_inputs(segmenter, x, None if units is None else units[i : i + batch],
+                                             unit_stats)
+                s = router_features(s_raw, cfg.entropy_bins) if cfg.descriptor_dim else None
+                maps, routings = segmenter.backbone(x_norm, s)
+                features.append(torch.stack(maps, dim=1).float().cpu())                # (b, 4, D, h, w)
+                experts.append(torch.stack([r.expert_idx[:, 0].view(len(x), T) for r in routings]).cpu()
+                               if routings else torch.zeros(0, len(x), T, dtype=torch.long))  # (L, b, T)
     finally:
         segmenter.train(was_training)
-    if not out:                                                                      # N = 0 tiles
-        h, w = images.shape[-2] // cfg.patch_size, images.shape[-1] // cfg.patch_size
-        return torch.zeros(0, 4, cfg.embed_dim, h, w, device=images.device)
-    return torch.cat(out)
+    if not features:                                                                    # N = 0 tiles
+        return torch.zeros(0, 4, cfg.embed_dim, h, w), torch.zeros(0, 0, T, dtype=torch.long)
+    return torch.cat(features), torch.cat(experts, dim=1)
 
 
-def head_logits_from_cache(segmenter, features):
+def cached_features(segmenter, images, batch=16, units=None, unit_stats=None):
+    """The backbone's 4 feature maps for every tile, as Segmenter.forward computes them (or, with units and
+    unit_stats, as model_inputs prepares mixed units), without gradient and in eval mode.
+    images: (N, C, H, W) -> (N, 4, D, H/p, W/p) float32 on the CPU; batch tiles a pass."""
+    return backbone_pass(segmenter, images, units, unit_stats, batch)[0]
+
+
+def head_logits_from_cache(head, features, patch_size):
     """Segmenter.forward's logits from cached backbone features: features (B, 4, D, h, w) -> logits
-    (B, K, h*p, w*p), the head's output bilinearly upsampled to the input size (p = cfg.patch_size).
-    Gradients flow into segmenter.head only, which is what the DG protocol trains."""
-    p, features = segmenter.cfg.patch_size, features.to(segmenter.pixel_mean.device)
-    logits = segmenter.head(list(features.unbind(dim=1)))                        # (B, K, 4h, 4w)
-    return F.interpolate(logits, size=(features.shape[-2] * p, features.shape[-1] * p), mode="bilinear")
+    (B, K, h*p, w*p), the head's (an FPNHead's) output bilinearly upsampled to the input size (p =
+    patch_size). Gradients flow into the head only, which is what the DG protocol trains."""
+    logits = head(list(features.unbind(dim=1)))                                 # (B, K, 4h, 4w)
+    return F.interpolate(logits, size=(features.shape[-2] * patch_size, features.shape[-1] * patch_size),
+                         mode="bilinear")
+
+
+# -----------------------------------------------------------------------------
+# 4. The protocol: pre-training on the corpus, heads on frozen features, scores, routing
+
+FACTORS = ("sensor", "band", "polarization", "representation", "region")   # what a domain gap can change
+# The rows of the paper's Table 5-style ablation: SARConfig overrides of the tiny preset. "dense" has one
+# plain FFN per block of the experts' size, so every row has the same active parameters per token.
+ROWS = {
+    "dense": dict(n_experts=1),
+    "moe_token": dict(descriptor_dim=0, balance_loss_weight=0.0),
+    "moe_token_balance": dict(descriptor_dim=0),
+    "full": dict(),                                               # physics router + balance, gate renorm
+    "full_softmax": dict(gate="softmax"),
+    "full_straight_through": dict(gate="straight_through"),
+}
+ROW_TITLES = {
+    "dense": "dense ViT, same active size",
+    "moe_token": "MoE, token-only router, no balance loss",
+    "moe_token_balance": "MoE, token-only router + balance",
+    "full": "MoE, physics router + balance (full, gate renorm)",
+    "full_softmax": "full, gate softmax",
+    "full_straight_through": "full, gate straight_through",
+}
+# Everything a run depends on. The data sizes are shared, so both variants read one prepared data folder.
+DATA = dict(tile=64, corpus_tiles={"cpt": 8, "heldout": 2}, suite_tiles={"train": 128, "test": 64}, data_seed=0)
+# The learning rates and step counts are fixed, never chosen on a target. The one choice made on data:
+# cpt_lr 2e-3 over 1e-3, by the held-out corpus mIoU of the full row, seed 0, 400 steps (20.7 vs 19.7 %).
+VARIANTS = {
+    "full": dict(DATA, seeds=[0, 1, 2], cpt_steps=400, cpt_batch=32, cpt_lr=2e-3, warmup=20, head_steps=100,
+                 head_batch=16, head_lr=1e-3, preset="tiny"),
+    "quick": dict(DATA, seeds=[0], cpt_steps=150, cpt_batch=32, cpt_lr=2e-3, warmup=20, head_steps=50,
+                  head_batch=16, head_lr=1e-3, preset="tiny"),
+}
+
+CKPT_EVERY = 50   # pre-training steps between checkpoints (a killed run loses at most this many)
+
+
+@dataclasses.dataclass
+class Tiles:
+    """Tiles of several prepared domains in memory: images (N, C, H, W) float32 each in its unit, labels
+    (N, H, W) int64, and per tile its domain, unit and domain factors (lists of N)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    domain: list
+    units: list
+    factors: dict
+
+
+def load_tiles(root, domains, split):
+    """The `split` tiles of the prepared domains `domains` (dicts with "name", "unit" and the FACTORS) in
+    the data folder `root` -> Tiles."""
+    images, labels, names, units, factors = [], [], [], [], {f: [] for f in FACTORS}
+    for d in domains:
+        sp = Split(os.path.join(root, d["name"], split))
+        if sp.unit != d["unit"]:
+            raise ValueError(f"{sp.path}: unit {sp.unit!r}, but its index says {d['unit']!r}")
+        images.append(torch.from_numpy(np.asarray(sp.images, np.float32)))
+        labels.append(torch.from_numpy(np.asarray(sp.labels, np.int64)))
+        n = len(sp)
+        names += [d["name"]] * n
+        units += [d["unit"]] * n
+        for f in FACTORS:
+            factors[f] += [d[f]] * n
+    return Tiles(torch.cat(images), torch.cat(labels), names, units, factors)
+
+
+def suite_domain_entries(suite_root):
+    """The suite's domains as load_tiles wants them (name, unit, factors), from each split's meta.json."""
+    suite = check_suite_complete(suite_root)
+    entries = []
+    for name in suite["domains"]:
+        meta = Split(os.path.join(suite_root, name, "train")).meta
+        entries.append({"name": name, "unit": meta["unit"], "sensor": meta["sensor"],
+                        **{f: meta[f] for f in FACTORS if f != "sensor"}})
+    return suite, entries
+
+
+def row_config(row, settings):
+    """The SARConfig of an ablation row: the preset, the row's overrides, 1 channel, the 7 classes. The
+    input_unit is nominal: every pass goes through model_inputs with each tile's own unit."""
+    return SARConfig.preset(settings["preset"], img_size=settings["tile"], in_chans=1, input_unit="db",
+                            num_classes=len(CLASSES_7), class_names=tuple(CLASSES_7), **ROWS[row])
+
+
+def learning_rate(step, steps, peak, warmup):
+    """Linear warm-up over `warmup` steps, then cosine decay from `peak` to peak / 100."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak / 100 + (peak - peak / 100) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def adamw(module, lr):
+    """AdamW, weight decay 0.05 on matrices and kernels only (as train.py)."""
+    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
+    rest = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=lr)
+
+
+def stream_indices(n, seed, start, count):
+    """Tile indices at stream positions start .. start + count - 1 of a stream over n tiles that reads a
+    fresh permutation per epoch (as data.TileStream): a function of (seed, position) only, so a resumed
+    run reads exactly the batches the uninterrupted one would have."""
+    return [int(np.random.default_rng([seed, p // n]).permutation(n)[p % n]) for p in range(start, start + count)]
+
+
+def pretrain(row, seed, corpus, unit_stats, settings, path, log=print):
+    """Phase cpt: backbone + head on the corpus (Tiles), every tile in its own unit. Saves the training
+    state to `path` every CKPT_EVERY steps and at the end (atomically), and resumes from it.
+    -> Segmenter (eval mode)."""
+    torch.manual_seed(seed)                                        # the seed sets the initialisation ...
+    model = Segmenter(row_config(row, settings))
+    optimizer = adamw(model, settings["cpt_lr"])
+    steps, B, start = settings["cpt_steps"], settings["cpt_batch"], 0
+    if os.path.isfile(path):
+        state = load_checkpoint(path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        if start < steps:
+            log(f"  resuming {path} at step {start}/{steps}")
+    model.train()
+    for step in range(start, steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, settings["cpt_lr"], settings["warmup"])
+        idx = stream_indices(len(corpus.images), seed, step * B, B)      # ... and the data order
+        x, y = corpus.images[idx].clone(), corpus.labels[idx].clone()
+        for b in range(B):                                               # flips / rotations, per position
+            k = int(np.random.default_rng([seed, step * B + b, 7]).integers(8))
+            x[b], y[b] = dihedral(x[b], k), dihedral(y[b], k)
+        out = model.forward_prepared(*model_inputs(model, x, [corpus.units[i] for i in idx], unit_stats))
+        loss = F.cross_entropy(out.logits, y, ignore_index=255) + out.aux_loss
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"{row} seed {seed}: the pre-training loss became {loss.item()} at step {step}")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % CKPT_EVERY == 0 or step + 1 == steps:
+            save_checkpoint(path, {"model": model.state_dict(), "model_args": dataclasses.asdict(model.cfg),
+                                   "optimizer": optimizer.state_dict(), "step": step + 1})
+    if start == steps:
+        model.load_state_dict(load_checkpoint(path, parts=("model", "model_args"))["model"])
+    return model.eval()
+
+
+def train_head(features, labels, cfg, settings, seed, name):
+    """Phase dg: a fresh FPN head trained on cached frozen-backbone features (N, 4, D, h, w) and labels
+    (N, H, W) of one source; no augmentation (the features are fixed), no selection (last step kept)."""
+    torch.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+    head = FPNHead(cfg.embed_dim, cfg.head_dim, cfg.num_classes)
+    optimizer = adamw(head, settings["head_lr"])
+    steps, B = settings["head_steps"], settings["head_batch"]
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, steps, settings["head_lr"], min(10, steps // 10))
+        idx = stream_indices(len(features), zlib.crc32(f"{seed}:{name}".encode()), step * B, B)
+        logits = head_logits_from_cache(head, features[idx], cfg.patch_size)
+        loss = F.cross_entropy(logits, labels[idx], ignore_index=255)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return head.eval()
+
+
+def head_miou(head, features, labels, cfg, batch=64):
+    """mIoU (%) of a head on cached features (N, 4, D, h, w) against labels (N, H, W)."""
+    cm = torch.zeros(cfg.num_classes, cfg.num_classes, dtype=torch.long)
+    with torch.no_grad():
+        for i in range(0, len(features), batch):
+            pred = head_logits_from_cache(head, features[i : i + batch], cfg.patch_size).argmax(dim=1)
+            cm += confusion_matrix(pred, labels[i : i + batch], cfg.num_classes)
+    return 100.0 * segmentation_scores(cm)["miou"]
+
+
+def dg_scores(model, suite, domains, settings, seed, unit_stats):
+    """Phase dg for one pre-trained backbone: features of the suite's domains computed once, one head per
+    source, scored on the source's own test tiles and on every target of its benchmarks.
+    -> {"benchmarks": {code: target mIoU %}, "in_domain": {source: source test mIoU %}}."""
+    by_name = {d["name"]: d for d in domains}
+    cache = {}
+    for split in ("train", "test"):
+        tiles = load_tiles(suite["root"], domains, split)
+        features = cached_features(model, tiles.images, batch=64, units=tiles.units, unit_stats=unit_stats)
+        for name in by_name:
+            rows = [i for i, d in enumerate(tiles.domain) if d == name]
+            cache[name, split] = features[rows], tiles.labels[rows]
+    scores, in_domain = {}, {}
+    for source in sorted({b["source"] for b in suite["benchmarks"]}):
+        head = train_head(*cache[source, "train"], model.cfg, settings, seed, source)
+        in_domain[source] = head_miou(head, *cache[source, "test"], model.cfg)
+        for b in suite["benchmarks"]:
+            if b["source"] == source:
+                scores[b["code"]] = head_miou(head, *cache[b["target"], "test"], model.cfg)
+    return {"benchmarks": scores, "in_domain": in_domain}
+
+
+def patch_classes(labels, patch_size):
+    """Majority land-cover class of each patch: labels (N, H, W) -> (N, h*w) int64 (ignored pixels vote for
+    no class; a patch of ignored pixels only gets class 0)."""
+    one_hot = F.one_hot(labels.clamp_max(len(CLASSES_7)), len(CLASSES_7) + 1)[..., :-1]    # (N, H, W, K)
+    counts = F.avg_pool2d(one_hot.permute(0, 3, 1, 2).float(), patch_size)                # (N, K, h, w)
+    return counts.argmax(dim=1).flatten(1)
+
+
+def routing_report(model, heldout, unit_stats):
+    """Does routing follow physics? On held-out corpus tiles, per MoE block: NMI between the chosen
+    (top-1) expert of each patch token and each domain factor of its tile, and the land-cover class of the
+    patch for comparison; and each factor value's share of tokens per expert.
+    -> {"nmi": {factor: [per block]}, "share": {factor: [per block {"values": [...], "table": (V, E)}]}}
+    (empty dicts for a dense model)."""
+    _, experts = backbone_pass(model, heldout.images, heldout.units, unit_stats)         # (L, N, T)
+    if experts.shape[0] == 0:
+        return {"nmi": {}, "share": {}}
+    prefix = 1 + model.cfg.num_register_tokens
+    experts = experts[:, :, prefix:]                                                      # (L, N, h*w)
+    per_token = {f: np.repeat(np.asarray(heldout.factors[f]), experts.shape[2]) for f in FACTORS}
+    per_token["class"] = patch_classes(heldout.labels, model.cfg.patch_size).reshape(-1).numpy()
+    nmi = {f: [] for f in per_token}
+    share = {f: [] for f in FACTORS}
+    for block in experts:
+        chosen = block.reshape(-1).numpy()
+        for f, values in per_token.items():
+            nmi[f].append(normalized_mutual_information(chosen, values))
+        for f in FACTORS:
+            table, names = share_of_tokens(chosen, per_token[f], model.cfg.n_experts)
+            share[f].append({"values": names, "table": np.round(table, 4).tolist()})
+    return {"nmi": nmi, "share": share}
+
+
+def heldout_miou(model, heldout, unit_stats, batch=64):
+    """mIoU (%) of the pre-trained backbone + head on the held-out corpus tiles (pre-training quality)."""
+    cm = torch.zeros(model.cfg.num_classes, model.cfg.num_classes, dtype=torch.long)
+    with torch.no_grad():
+        for i in range(0, len(heldout.images), batch):
+            x = heldout.images[i : i + batch]
+            out = model.forward_prepared(*model_inputs(model, x, heldout.units[i : i + batch], unit_stats))
+            cm += confusion_matrix(out.logits.argmax(dim=1), heldout.labels[i : i + batch], model.cfg.num_classes)
+    return 100.0 * segmentation_scores(cm)["miou"]
+
+
+# -----------------------------------------------------------------------------
+# 5. The runner: data, runs (skipped when finished), report
+
+
+def prepare_data(data_root, settings, log):
+    """Prepare the corpus and the suite with prepare.py if they are missing or incomplete (it resumes)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tile = str(settings["tile"])
+    jobs = {
+        "corpus": ["corpus", "--cpt-tiles", str(settings["corpus_tiles"]["cpt"]),
+                   "--heldout-tiles", str(settings["corpus_tiles"]["heldout"])],
+        "suite": ["synthetic", "--train-tiles", str(settings["suite_tiles"]["train"]),
+                  "--test-tiles", str(settings["suite_tiles"]["test"])],
+    }
+    for folder, args in jobs.items():
+        out = os.path.join(data_root, folder)
+        try:
+            check_suite_complete(out, "corpus.json" if folder == "corpus" else "suite.json")
+            continue
+        except (OSError, ValueError):
+            pass
+        log(f"preparing {out} (python prepare.py {args[0]})")
+        command = [sys.executable, os.path.join(repo, "prepare.py"), *args, "--out", out, "--tile", tile,
+                   "--seed", str(settings["data_seed"])]
+        if subprocess.run(command, stdout=subprocess.DEVNULL).returncode != 0:
+            raise RuntimeError(f"preparing {out} failed: {' '.join(command)}")
+
+
+def check_settings(out, settings):
+    """Write <out>/settings.json on the first run; refuse a rerun with other settings (its runs would mix)."""
+    path = os.path.join(out, "settings.json")
+    wanted = json.loads(json.dumps(settings))
+    if os.path.isfile(path):
+        with open(path) as f:
+            found = json.load(f)
+        if found != wanted:
+            differ = sorted(k for k in set(found) | set(wanted) if found.get(k) != wanted.get(k))
+            raise ValueError(f"{path} holds an ablation with other settings ({', '.join(differ)}); "
+                             f"use another --out or the same variant")
+    else:
+        write_text_atomic(path, json.dumps(wanted, indent=1))
+
+
+def run_one(row, seed, out, data_root, settings, log):
+    """Pre-train, score and report one (row, seed); writes <out>/runs/<row>/seed<seed>/result.json."""
+    folder = os.path.join(out, "runs", row, f"seed{seed}")
+    os.makedirs(folder, exist_ok=True)
+    remove_stale_temporaries(folder)
+    with open(os.path.join(data_root, "corpus", "corpus.json")) as f:
+        corpus_domains = json.load(f)["domains"]
+    corpus = load_tiles(os.path.join(data_root, "corpus"), corpus_domains, "cpt")
+    heldout = load_tiles(os.path.join(data_root, "corpus"), corpus_domains, "heldout")
+    stats = unit_statistics(corpus.images, corpus.units)
+    suite_root = os.path.join(data_root, "suite")
+    suite, domains = suite_domain_entries(suite_root)
+    suite["root"] = suite_root
+    t0 = time.time()
+    model = pretrain(row, seed, corpus, stats, settings, os.path.join(folder, "cpt.pt"), log)
+    t1 = time.time()
+    result = {"row": row, "seed": seed, "settings": settings, "unit_stats": stats,
+              "heldout_miou": heldout_miou(model, heldout, stats),
+              **dg_scores(model, suite, domains, settings, seed, stats),
+              "routing": routing_report(model, heldout, stats)}
+    result["seconds"] = {"cpt": round(t1 - t0, 1), "dg_and_routing": round(time.time() - t1, 1)}
+    write_text_atomic(os.path.join(folder, "result.json"), json.dumps(result))
+    return result
+
+
+def finished(out, row, seed):
+    """The result of a finished (row, seed), or None."""
+    path = os.path.join(out, "runs", row, f"seed{seed}", "result.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def run_ablation(out, variant="full", data_root=None, rows=tuple(ROWS), log=print):
+    """The whole ablation into `out`: data (prepared if missing), every (row, seed) not finished yet, and
+    <out>/results.md. data_root (default <out>/data) can be shared between variants. -> results.md's text."""
+    settings = dict(VARIANTS[variant]) if isinstance(variant, str) else dict(variant)
+    data_root = data_root or os.path.join(out, "data")
+    with RunLock(out):
+        check_settings(out, settings)
+        prepare_data(data_root, settings, log)
+        todo = [(r, s) for s in settings["seeds"] for r in rows if finished(out, r, s) is None]
+        done = len(rows) * len(settings["seeds"]) - len(todo)
+        log(f"{len(todo)} runs to do, {done} finished earlier (skipped)")
+        t0 = time.time()
+        for i, (row, seed) in enumerate(todo):
+            result = run_one(row, seed, out, data_root, settings, log)
+            left = (time.time() - t0) / (i + 1) * (len(todo) - i - 1)
+            s = result["seconds"]
+            log(f"[{done + i + 1}/{done + len(todo)}] {row} seed {seed}: cpt {s['cpt']:.0f} s, dg + routing "
+                f"{s['dg_and_routing']:.0f} s | single-gap {average(result, 'single-gap'):.1f}, multi-gap "
+                f"{average(result, 'multi-gap'):.1f} mIoU | ~{left / 60:.0f} min left")
+        results = {r: [finished(out, r, s) for s in settings["seeds"]] for r in rows}
+        report = format_report(results, settings)
+        write_text_atomic(os.path.join(out, "results.md"), report)
+        plot_routing(results, out, log)
+    return report
+
+
+def benchmark_groups():
+    """code -> "single-gap" or "multi-gap", for the 22 sub-benchmarks of the synthetic suite."""
+    return {code: "multi-gap" if "+" in gap else "single-gap" for code, gap, _, _ in sim.BENCHMARKS}
+
+
+def average(result, group=None):
+    """Mean target mIoU (%) of one run over the sub-benchmarks of `group` (None: all 22)."""
+    groups = benchmark_groups()
+    return float(np.mean([v for c, v in result["benchmarks"].items() if group in (None, groups[c])]))
+
+
+def paired_differences(a, b, group=None):
+    """mIoU(a) - mIoU(b) per (sub-benchmark, seed) pair of two rows' result lists (same seeds)."""
+    groups = benchmark_groups()
+    return [ra["benchmarks"][c] - rb["benchmarks"][c] for ra, rb in zip(a, b) for c in sorted(ra["benchmarks"])
+            if group in (None, groups[c])]
+
+
+def format_report(results, settings):
+    """results.md: the ablation table, the paired differences, NMI per row and block, shares per expert."""
+    seeds, rows = settings["seeds"], list(results)
+    lines = [f"# Routing ablation ({len(seeds)} seed(s): {seeds}; pre-training {settings['cpt_steps']} steps x "
+             f"{settings['cpt_batch']} tiles, heads {settings['head_steps']} steps x {settings['head_batch']})", "",
+             "mIoU (%) on the targets of the 22 synthetic sub-benchmarks, frozen backbone, mean ± std over seeds.", "",
+             "| row | single-gap (12) | multi-gap (10) | all 22 | sources in-domain | held-out corpus |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        rs = results[row]
+        cells = [format_mean_std([average(r, g) for r in rs]) for g in ("single-gap", "multi-gap", None)]
+        cells.append(format_mean_std([np.mean(list(r["in_domain"].values())) for r in rs]))
+        cells.append(format_mean_std([r["heldout_miou"] for r in rs]))
+        lines.append(f"| {ROW_TITLES[row]} | {' | '.join(cells)} |")
+    if "full" in results:
+        lines += ["", "Paired differences of the full model (mIoU points, mean over (sub-benchmark, seed) pairs, "
+                      "95 % percentile bootstrap interval, 10000 resamples):", "",
+                  "| full minus | single-gap | multi-gap | all 22 |", "|---|---|---|---|"]
+        for other in ("dense", "moe_token_balance"):
+            if other in results:
+                cells = []
+                for g in ("single-gap", "multi-gap", None):
+                    mean, low, high = paired_bootstrap_ci(paired_differences(results["full"], results[other], g))
+                    cells.append(f"{mean:+.1f} [{low:+.1f}, {high:+.1f}]")
+                lines.append(f"| {ROW_TITLES[other]} | {' | '.join(cells)} |")
+    moe = [row for row in rows if results[row][0]["routing"]["nmi"]]
+    if moe:
+        factors = list(results[moe[0]][0]["routing"]["nmi"])
+        lines += ["", "Normalised mutual information between the chosen expert and each factor of the token's "
+                      "tile (class: the patch's land-cover class), on the held-out corpus tiles; mean over the "
+                      "MoE blocks, mean ± std over seeds (0 = independent, 1 = the expert determines the factor):",
+                  "", f"| row | {' | '.join(factors)} |", "|---|" + "---|" * len(factors)]
+        for row in moe:
+            cells = [format_mean_std([np.mean(r["routing"]["nmi"][f]) for r in results[row]], 3) for f in factors]
+            lines.append(f"| {ROW_TITLES[row]} | {' | '.join(cells)} |")
+        lines += ["", "Per block (seed " + str(seeds[0]) + "):", "",
+                  f"| row | block | {' | '.join(factors)} |", "|---|---|" + "---|" * len(factors)]
+        for row in moe:
+            nmi = results[row][0]["routing"]["nmi"]
+            for block in range(len(nmi[factors[0]])):
+                lines.append(f"| {row} | {block} | {' | '.join(f'{nmi[f][block]:.3f}' for f in factors)} |")
+        lines += ["", "Share of each factor value's tokens per expert (seed " + str(seeds[0]) + "; rows sum to 1):"]
+        for row in moe:
+            share = results[row][0]["routing"]["share"]
+            for block in range(len(share[FACTORS[0]])):
+                E = len(share[FACTORS[0]][block]["table"][0])
+                lines += ["", f"{row}, block {block}:", "", "| factor | value | " +
+                          " | ".join(f"e{e}" for e in range(E)) + " |", "|---|---|" + "---|" * E]
+                for f in FACTORS:
+                    entry = share[f][block]
+                    for value, shares in zip(entry["values"], entry["table"]):
+                        lines.append(f"| {f} | {value} | {' | '.join(f'{v:.2f}' for v in shares)} |")
+    lines += ["", "Per sub-benchmark (mean over seeds):", "",
+              "| code | " + " | ".join(rows) + " |", "|---|" + "---|" * len(rows)]
+    for code in results[rows[0]][0]["benchmarks"]:
+        lines.append(f"| {code} | " + " | ".join(f"{np.mean([r['benchmarks'][code] for r in results[row]]):.1f}"
+                                                 for row in rows) + " |")
+    minutes = sum(sum(r["seconds"].values()) for rs in results.values() for r in rs) / 60
+    lines += ["", f"Compute: {minutes:.1f} min of pre-training, heads and routing over all runs."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_routing(results, out, log):
+    """routing_<row>.png heat-maps (factor value x expert per block, seed 0) if matplotlib is installed; it
+    is an optional extra, never a dependency."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("matplotlib is not installed: no heat-maps (pip install matplotlib for routing_<row>.png)")
+        return
+    for row, rs in results.items():
+        share = rs[0]["routing"]["share"]
+        if not share:
+            continue
+        blocks = len(share[FACTORS[0]])
+        fig, axes = plt.subplots(len(FACTORS), blocks, figsize=(3 * blocks, 2.2 * len(FACTORS)), squeeze=False)
+        for i, f in enumerate(FACTORS):
+            for b in range(blocks):
+                entry, ax = share[f][b], axes[i][b]
+                ax.imshow(np.asarray(entry["table"]), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+                ax.set_yticks(range(len(entry["values"])), entry["values"], fontsize=6)
+                ax.set_xticks(range(len(entry["table"][0])))
+                ax.set_title(f"{f}, block {b}", fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(out, f"routing_{row}.png")
+        fig.savefig(path + ".tmp.png", dpi=100)
+        os.replace(path + ".tmp.png", path)
+        plt.close(fig)
+        log(f"wrote {path}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="output folder (default runs/ablation, runs/ablation_quick)")
+    parser.add_argument("--quick", action="store_true", help="1 seed and fewer steps (the quick variant)")
+    parser.add_argument("--data", default=None, help="data folder of corpus/ and suite/ (default <out>/data)")
+    args = parser.parse_args(argv)
+    variant = "quick" if args.quick else "full"
+    out = args.out or f"runs/ablation{'_quick' if args.quick else ''}"
+    t0 = time.time()
+    try:
+        report = run_ablation(out, variant, args.data, log=lambda m: print(m, flush=True))
+    except (OSError, ValueError, RuntimeError, RunLockedError) as e:
+        print(f"nanosar.ablation: error: {e}", file=sys.stderr)
+        return 2
+    print(report)
+    print(f"wrote {out}/results.md ({(time.time() - t0) / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

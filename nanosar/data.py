@@ -298,31 +298,33 @@ class Split:
         return list(self.meta["class_names"])
 
 
-def check_suite_complete(root):
-    """Check the synthetic suite in `root` (prepare.py synthetic) before using it; returns suite.json's dict.
+def check_suite_complete(root, index="suite.json"):
+    """Check a simulated data folder (prepare.py synthetic: suite.json; prepare.py corpus: corpus.json)
+    before using it; returns the index file's dict.
 
-    ValueError naming the file if suite.json says the suite is incomplete (a run was killed, or is still
-    writing) or a domain split's meta.json disagrees with the suite's settings (tile size, seed, tile
-    count, generator version): a run with other settings was interrupted and left both behind.
-    Suites written before these settings were recorded are accepted as they are.
+    ValueError naming the file if the index says the folder is incomplete (a run was killed, or is still
+    writing) or a domain split's meta.json disagrees with its settings (tile size, seed, tile count,
+    generator version): a run with other settings was interrupted and left both behind. Suites written
+    before these settings were recorded are accepted as they are.
     """
-    path = os.path.join(root, "suite.json")
+    path = os.path.join(root, index)
+    command, what = ("corpus", "corpus") if index == "corpus.json" else ("synthetic", "suite")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: run python prepare.py synthetic --out {root}")
+        raise FileNotFoundError(f"{path} not found: run python prepare.py {command} --out {root}")
     try:
         with open(path) as f:
             suite = json.load(f)
     except ValueError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}): re-run prepare.py synthetic --out {root}") from e
+        raise ValueError(f"{path} is not valid JSON ({e}): re-run prepare.py {command} --out {root}") from e
     tiles = suite.get("tiles") or {}
-    rerun = (f"re-run python prepare.py synthetic --out {root} --tile {suite.get('tile')} --seed {suite.get('seed')}"
+    rerun = (f"re-run python prepare.py {command} --out {root} --tile {suite.get('tile')} --seed {suite.get('seed')}"
              + "".join(f" --{split}-tiles {n}" for split, n in tiles.items()))
     if suite.get("complete") is False:
-        raise ValueError(f"{path}: the suite is incomplete (prepare.py was interrupted or is still running); "
+        raise ValueError(f"{path}: the {what} is incomplete (prepare.py was interrupted or is still running); "
                          f"{rerun} (finished domains are kept)")
     domains = suite.get("domains") or sorted({b[k] for b in suite.get("benchmarks", []) for k in ("source", "target")})
     domains = list(domains) + list(suite.get("extra_domains", []))
-    for domain in domains:
+    for domain in (d["name"] if isinstance(d, dict) else d for d in domains):
         for split, n in tiles.items():
             split_path = os.path.join(root, domain, split)
             meta = read_meta(split_path)

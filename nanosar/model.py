@@ -646,10 +646,16 @@ class Segmenter(nn.Module):
 
     def forward(self, x):
         check_input(x, self.cfg)
+        s_raw = sar_descriptors(x, self.cfg)                                   # (B, 3)
+        return self.forward_prepared((x - self.pixel_mean) / self.pixel_std, s_raw)
+
+    def forward_prepared(self, x, s_raw):
+        """The rest of forward, for pixels x (B, C, H, W) already normalised and descriptors s_raw (B, 3)
+        already computed: for batches mixing units, whose normalisation and descriptors depend on each
+        tile's unit (nanosar/ablation.py's pre-training corpus). -> SegmenterOutput."""
         cfg = self.cfg
-        s_raw = sar_descriptors(x, cfg)                                        # (B, 3)
         s = router_features(s_raw, cfg.entropy_bins) if cfg.descriptor_dim else None
-        features, routings = self.backbone((x - self.pixel_mean) / self.pixel_std, s)
+        features, routings = self.backbone(x, s)
         logits = self.head(features)                                           # (B, K, 4H/p, 4W/p)
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear")     # (B, K, H, W)
         if routings:

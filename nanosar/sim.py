@@ -508,6 +508,33 @@ GAP_FACTORS = {
 EXTRA_DOMAINS = [D("N", "S1", ("VV", "VH"))]
 
 
+# The continued-pre-training corpus (prepare.py corpus): every sensor preset x each of its polarizations x
+# each representation it offers (dB and amplitude; also the real and imaginary part of the SLC for the
+# single-look presets) x the four regions, at the sensor's pixel spacing and at any other spacing a
+# benchmark resamples it to. Single-polarization, so every tile has one channel. Its splits are named
+# CORPUS_SPLITS, and scenes are seeded by the split's name (simulate_tile), so no corpus scene is a scene
+# of a benchmark split ("train", "test").
+CORPUS_REPRESENTATIONS = ("db", "amplitude", "real", "imag")
+CORPUS_SPLITS = ("cpt", "heldout")
+
+
+def corpus_domains():
+    """Every domain of the pre-training corpus, in a stable order (sensor, spacing, polarization,
+    representation, region)."""
+    spacings = {code: [None] for code in SENSORS}
+    for d in suite_domains():
+        if d.spacing_m and d.spacing_m not in spacings[d.sensor]:
+            spacings[d.sensor].append(d.spacing_m)
+    domains = []
+    for code, sensor in SENSORS.items():
+        slc = sensor.looks == 1
+        for spacing in spacings[code]:
+            for pol in sensor.polarizations:
+                for representation in CORPUS_REPRESENTATIONS if slc else ("db", "amplitude"):
+                    domains += [D(region, code, pol, representation, spacing) for region in REGIONS]
+    return domains
+
+
 def suite_domains():
     """Every domain the 22 benchmarks use, each once, in a stable order."""
     seen = {}
@@ -522,13 +549,20 @@ def stable_seed(*parts):
     return [zlib.crc32(str(p).encode()) for p in parts]
 
 
+def scene_seed(domain, split, index, seed=0):
+    """The seed of tile `index`'s scene (label map and heights): a function of (seed, region, split, index,
+    pixel spacing) only, so splits of different names never share a scene."""
+    spacing = domain.spacing_m or SENSORS[domain.sensor].pixel_spacing_m
+    return stable_seed(seed, domain.region, split, index, spacing)
+
+
 def simulate_tile(domain, split, index, size, seed=0):
     """One tile of a domain: image (C, size, size) float32 in domain.representation, labels (size, size),
     info. Scenes depend on (seed, region, split, index, spacing) only, so two domains of one region
     share their label maps wherever their pixel spacing is the same."""
     sensor = SENSORS[domain.sensor]
     spacing = domain.spacing_m or sensor.pixel_spacing_m
-    scene_rng = np.random.default_rng(stable_seed(seed, domain.region, split, index, spacing))
+    scene_rng = np.random.default_rng(scene_seed(domain, split, index, seed))
     labels, heights = make_scene(domain.region, size, spacing, scene_rng)
     radar_rng = np.random.default_rng(stable_seed(seed, domain.name, split, index, "radar"))
     image, info = form_image(labels, heights, sensor, domain.pol, domain.representation, radar_rng,

@@ -347,7 +347,7 @@ def test_an_interrupted_rerun_with_new_settings_is_detected_and_resumed(tmp_path
     assert prepare(out, "--seed", "1") == 0
     log = capsys.readouterr().out
     first = sim.suite_domains()[0].name
-    assert f"{first}: resuming, keeping train (3 tiles) and test (2 tiles)" in log
+    assert "resuming: keeping 2 splits already written with tile 32, seed 1" in log
     assert "wrote 26 splits (kept 2)" in log                # 13 + 1 extra domains x 2 splits
     assert seeds(out) == {1} and check_suite_complete(str(out))["seed"] == 1
     # a split written with other settings under a suite.json that says complete is caught too
