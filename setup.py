@@ -63,7 +63,7 @@ setup(
     packages=["nanosar"],
     python_requires=">=3.10",
     install_requires=["torch>=2.8", "numpy", "tifffile"],  # torch._grouped_mm appeared in 2.8
-    extras_require={"test": ["pytest"], "build": ["pybind11", "ninja"]},
+    extras_require={"test": ["pytest"], "build": ["pybind11", "ninja"], "plot": ["matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

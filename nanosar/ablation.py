@@ -1,8 +1,8 @@
 """
 The routing ablation (the paper's Sec. 4.4) under the paper's protocol, at laptop scale, in one command:
 
-    python -m nanosar.ablation --out runs/ablation            # full: 6 rows x 3 seeds (~1 h on 2 CPU cores)
-    python -m nanosar.ablation --out runs/ablation_quick --quick   # 6 rows x 1 seed, fewer steps (~10 min)
+    python -m nanosar.ablation --out runs/ablation                 # full: 6 rows x 3 seeds (49 min, 2 CPU cores)
+    python -m nanosar.ablation --out runs/ablation_quick --quick   # 6 rows x 1 seed, fewer steps (9 min)
 
 For every row (ROWS: dense ViT of the same active size, MoE with a token-only router without and with the
 balance loss, the physics router with the balance loss = the full model, and the full model under each

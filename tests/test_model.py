@@ -638,7 +638,8 @@ def test_the_fast_path_compiles_whole_and_equals_eager():
 
 
 def test_the_reference_path_breaks_the_graph_twice_per_moe_block():
-    """dispatch_reference's per-expert torch.where has a data-dependent size: the number the README states.
+    """dispatch_reference's per-expert torch.where has a data-dependent size: the number the README states,
+    2 per MoE block, plus 1 where forward resumes after its call into forward_prepared (which breaks).
     In a fresh process: dynamo's recompile state after other compiles moves the count."""
     import subprocess
     import sys
@@ -653,4 +654,4 @@ print(torch._dynamo.explain(model)(torch.randn(2, 1, 64, 64)).graph_break_count)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert int(result.stdout.split()[-1]) == 2 * SARConfig.preset("tiny").depth
+    assert int(result.stdout.split()[-1]) == 2 * SARConfig.preset("tiny").depth + 1
