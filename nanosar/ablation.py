@@ -489,6 +489,9 @@ def prepare_data(data_root, settings, log):
             continue
         except (OSError, ValueError):
             pass
+        if not os.path.isfile(os.path.join(repo, "prepare.py")):
+            raise FileNotFoundError(f"{out} is not prepared and prepare.py is not beside the nanosar package "
+                                    f"({repo}): run from a clone (pip install -e .) or prepare it there")
         log(f"preparing {out} (python prepare.py {args[0]})")
         command = [sys.executable, os.path.join(repo, "prepare.py"), *args, "--out", out, "--tile", tile,
                    "--seed", str(settings["data_seed"])]
