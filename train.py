@@ -34,7 +34,7 @@ from nanosar.dinov2 import upcycle_from_dinov2
 from nanosar.distributed import close_distributed, init_distributed
 from nanosar.files import RunLock, RunLockedError, open_csv_log, remove_stale_temporaries
 from nanosar.metrics import evaluate
-from nanosar.model import SARConfig, Segmenter, balance_loss_over_blocks
+from nanosar.model import SARConfig, Segmenter, balance_loss_over_blocks, weight_decay_groups
 
 # -----------------------------------------------------------------------------
 # configuration: plain variables, overridden by config files and --key=value
@@ -190,11 +190,7 @@ def learning_rate_at(it, cfg):
 
 def make_optimizer(model, cfg, fused):
     """AdamW; weight decay on matrices and conv kernels only (not norms, biases, LayerScale, embeddings)."""
-    decay, no_decay, embeddings = [], [], ("pos_embed", "cls_token", "register_tokens")
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or name.endswith(embeddings) else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = weight_decay_groups(model, cfg["weight_decay"])
     return torch.optim.AdamW(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]), fused=fused)
 
 

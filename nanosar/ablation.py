@@ -44,10 +44,11 @@ import torch.nn.functional as F
 
 from nanosar import sim
 from nanosar.checkpoint import load_checkpoint, save_checkpoint
-from nanosar.data import CLASSES_7, Split, check_suite_complete, dihedral
+from nanosar.data import CLASSES_7, Split, augment, check_suite_complete, stream_indices
 from nanosar.files import RunLock, RunLockedError, remove_stale_temporaries, write_text_atomic
-from nanosar.metrics import confusion_matrix, segmentation_scores
-from nanosar.model import FPNHead, SARConfig, Segmenter, check_input, router_features, sar_descriptors
+from nanosar.metrics import evaluate
+from nanosar.model import (FPNHead, SARConfig, Segmenter, check_input, router_features, sar_descriptors,
+                           weight_decay_groups)
 
 # -----------------------------------------------------------------------------
 # 1. Routing vs domain factors
@@ -293,15 +294,33 @@ def load_tiles(root, domains, split):
     return Tiles(torch.cat(images), torch.cat(labels), names, units, factors)
 
 
-def suite_domain_entries(suite_root):
-    """The suite's domains as load_tiles wants them (name, unit, factors), from each split's meta.json."""
+@dataclasses.dataclass
+class AblationData:
+    """Everything the runs read, loaded once: the corpus's pre-training and held-out tiles, the
+    normalisation statistics per unit (from the pre-training tiles), the suite's benchmarks (dicts with
+    code, source, target, group) and its tiles per split ("train", "test")."""
+
+    corpus: Tiles
+    heldout: Tiles
+    unit_stats: dict
+    benchmarks: list
+    suite: dict
+
+
+def load_data(data_root):
+    """AblationData from <data_root>/corpus (prepare.py corpus) and <data_root>/suite (prepare.py synthetic);
+    each must be complete (check_suite_complete)."""
+    corpus_root, suite_root = os.path.join(data_root, "corpus"), os.path.join(data_root, "suite")
+    corpus_domains = check_suite_complete(corpus_root, "corpus.json")["domains"]
     suite = check_suite_complete(suite_root)
-    entries = []
+    suite_domains = []
     for name in suite["domains"]:
         meta = Split(os.path.join(suite_root, name, "train")).meta
-        entries.append({"name": name, "unit": meta["unit"], "sensor": meta["sensor"],
-                        **{f: meta[f] for f in FACTORS if f != "sensor"}})
-    return suite, entries
+        suite_domains.append({"name": name, "unit": meta["unit"], **{f: meta[f] for f in FACTORS}})
+    corpus = load_tiles(corpus_root, corpus_domains, "cpt")
+    return AblationData(corpus, load_tiles(corpus_root, corpus_domains, "heldout"),
+                        unit_statistics(corpus.images, corpus.units), suite["benchmarks"],
+                        {split: load_tiles(suite_root, suite_domains, split) for split in ("train", "test")})
 
 
 def row_config(row, settings):
@@ -320,17 +339,8 @@ def learning_rate(step, steps, peak, warmup):
 
 
 def adamw(module, lr):
-    """AdamW, weight decay 0.05 on matrices and kernels only (as train.py)."""
-    decay = [p for p in module.parameters() if p.requires_grad and p.ndim >= 2]
-    rest = [p for p in module.parameters() if p.requires_grad and p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=lr)
-
-
-def stream_indices(n, seed, start, count):
-    """Tile indices at stream positions start .. start + count - 1 of a stream over n tiles that reads a
-    fresh permutation per epoch (as data.TileStream): a function of (seed, position) only, so a resumed
-    run reads exactly the batches the uninterrupted one would have."""
-    return [int(np.random.default_rng([seed, p // n]).permutation(n)[p % n]) for p in range(start, start + count)]
+    """AdamW with train.py's weight decay (0.05, on matrices and kernels only: model.weight_decay_groups)."""
+    return torch.optim.AdamW(weight_decay_groups(module, 0.05), lr=lr)
 
 
 def pretrain(row, seed, corpus, unit_stats, settings, path, log=print):
@@ -344,19 +354,17 @@ def pretrain(row, seed, corpus, unit_stats, settings, path, log=print):
     if os.path.isfile(path):
         state = load_checkpoint(path)
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
-        if start < steps:
-            log(f"  resuming {path} at step {start}/{steps}")
+        if start >= steps:                                         # finished: the optimizer is not needed
+            return model.eval()
+        optimizer.load_state_dict(state["optimizer"])
+        log(f"  resuming {path} at step {start}/{steps}")
     model.train()
     for step in range(start, steps):
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, steps, settings["cpt_lr"], settings["warmup"])
         idx = stream_indices(len(corpus.images), seed, step * B, B)      # ... and the data order
-        x, y = corpus.images[idx].clone(), corpus.labels[idx].clone()
-        for b in range(B):                                               # flips / rotations, per position
-            k = int(np.random.default_rng([seed, step * B + b, 7]).integers(8))
-            x[b], y[b] = dihedral(x[b], k), dihedral(y[b], k)
+        x, y = augment(corpus.images[idx], corpus.labels[idx], seed, step * B)
         out = model.forward_prepared(*model_inputs(model, x, [corpus.units[i] for i in idx], unit_stats))
         loss = F.cross_entropy(out.logits, y, ignore_index=255) + out.aux_loss
         if not torch.isfinite(loss):
@@ -368,8 +376,6 @@ def pretrain(row, seed, corpus, unit_stats, settings, path, log=print):
         if (step + 1) % CKPT_EVERY == 0 or step + 1 == steps:
             save_checkpoint(path, {"model": model.state_dict(), "model_args": dataclasses.asdict(model.cfg),
                                    "optimizer": optimizer.state_dict(), "step": step + 1})
-    if start == steps:
-        model.load_state_dict(load_checkpoint(path, parts=("model", "model_args"))["model"])
     return model.eval()
 
 
@@ -392,35 +398,31 @@ def train_head(features, labels, cfg, settings, seed, name):
     return head.eval()
 
 
-def head_miou(head, features, labels, cfg, batch=64):
-    """mIoU (%) of a head on cached features (N, 4, D, h, w) against labels (N, H, W)."""
-    cm = torch.zeros(cfg.num_classes, cfg.num_classes, dtype=torch.long)
-    with torch.no_grad():
-        for i in range(0, len(features), batch):
-            pred = head_logits_from_cache(head, features[i : i + batch], cfg.patch_size).argmax(dim=1)
-            cm += confusion_matrix(pred, labels[i : i + batch], cfg.num_classes)
-    return 100.0 * segmentation_scores(cm)["miou"]
+def head_miou(model, head, features, labels, batch=64):
+    """mIoU (%) of `head` on cached features (N, 4, D, h, w) of `model`'s backbone against labels (N, H, W),
+    through metrics.evaluate, the evaluation loop of train.py and eval.py."""
+    batches = ((features[i : i + batch], labels[i : i + batch]) for i in range(0, len(features), batch))
+    scores = evaluate(model, batches, "cpu", logits_of=lambda f: head_logits_from_cache(head, f, model.cfg.patch_size))
+    return 100.0 * scores["miou"]
 
 
-def dg_scores(model, suite, domains, settings, seed, unit_stats):
+def dg_scores(model, data, settings, seed):
     """Phase dg for one pre-trained backbone: features of the suite's domains computed once, one head per
     source, scored on the source's own test tiles and on every target of its benchmarks.
     -> {"benchmarks": {code: target mIoU %}, "in_domain": {source: source test mIoU %}}."""
-    by_name = {d["name"]: d for d in domains}
     cache = {}
-    for split in ("train", "test"):
-        tiles = load_tiles(suite["root"], domains, split)
-        features = cached_features(model, tiles.images, batch=64, units=tiles.units, unit_stats=unit_stats)
-        for name in by_name:
+    for split, tiles in data.suite.items():
+        features = cached_features(model, tiles.images, batch=64, units=tiles.units, unit_stats=data.unit_stats)
+        for name in sorted(set(tiles.domain)):
             rows = [i for i, d in enumerate(tiles.domain) if d == name]
             cache[name, split] = features[rows], tiles.labels[rows]
     scores, in_domain = {}, {}
-    for source in sorted({b["source"] for b in suite["benchmarks"]}):
+    for source in sorted({b["source"] for b in data.benchmarks}):
         head = train_head(*cache[source, "train"], model.cfg, settings, seed, source)
-        in_domain[source] = head_miou(head, *cache[source, "test"], model.cfg)
-        for b in suite["benchmarks"]:
+        in_domain[source] = head_miou(model, head, *cache[source, "test"])
+        for b in data.benchmarks:
             if b["source"] == source:
-                scores[b["code"]] = head_miou(head, *cache[b["target"], "test"], model.cfg)
+                scores[b["code"]] = head_miou(model, head, *cache[b["target"], "test"])
     return {"benchmarks": scores, "in_domain": in_domain}
 
 
@@ -432,13 +434,13 @@ def patch_classes(labels, patch_size):
     return counts.argmax(dim=1).flatten(1)
 
 
-def routing_report(model, heldout, unit_stats):
-    """Does routing follow physics? On held-out corpus tiles, per MoE block: NMI between the chosen
-    (top-1) expert of each patch token and each domain factor of its tile, and the land-cover class of the
-    patch for comparison; and each factor value's share of tokens per expert.
+def routing_report(model, experts, heldout):
+    """Does routing follow physics? From the top-1 expert ids (L, N, T) of backbone_pass over the held-out
+    corpus tiles `heldout` (Tiles), per MoE block: the NMI between the chosen expert of each patch token
+    and each domain factor of its tile, and the land-cover class of the patch for comparison; and each
+    factor value's share of tokens per expert.
     -> {"nmi": {factor: [per block]}, "share": {factor: [per block {"values": [...], "table": (V, E)}]}}
     (empty dicts for a dense model)."""
-    _, experts = backbone_pass(model, heldout.images, heldout.units, unit_stats)         # (L, N, T)
     if experts.shape[0] == 0:
         return {"nmi": {}, "share": {}}
     prefix = 1 + model.cfg.num_register_tokens
@@ -455,17 +457,6 @@ def routing_report(model, heldout, unit_stats):
             table, names = share_of_tokens(chosen, per_token[f], model.cfg.n_experts)
             share[f].append({"values": names, "table": np.round(table, 4).tolist()})
     return {"nmi": nmi, "share": share}
-
-
-def heldout_miou(model, heldout, unit_stats, batch=64):
-    """mIoU (%) of the pre-trained backbone + head on the held-out corpus tiles (pre-training quality)."""
-    cm = torch.zeros(model.cfg.num_classes, model.cfg.num_classes, dtype=torch.long)
-    with torch.no_grad():
-        for i in range(0, len(heldout.images), batch):
-            x = heldout.images[i : i + batch]
-            out = model.forward_prepared(*model_inputs(model, x, heldout.units[i : i + batch], unit_stats))
-            cm += confusion_matrix(out.logits.argmax(dim=1), heldout.labels[i : i + batch], model.cfg.num_classes)
-    return 100.0 * segmentation_scores(cm)["miou"]
 
 
 # -----------------------------------------------------------------------------
@@ -514,26 +505,20 @@ def check_settings(out, settings):
         write_text_atomic(path, json.dumps(wanted, indent=1))
 
 
-def run_one(row, seed, out, data_root, settings, log):
+def run_one(row, seed, out, data, settings, log):
     """Pre-train, score and report one (row, seed); writes <out>/runs/<row>/seed<seed>/result.json."""
     folder = os.path.join(out, "runs", row, f"seed{seed}")
     os.makedirs(folder, exist_ok=True)
     remove_stale_temporaries(folder)
-    with open(os.path.join(data_root, "corpus", "corpus.json")) as f:
-        corpus_domains = json.load(f)["domains"]
-    corpus = load_tiles(os.path.join(data_root, "corpus"), corpus_domains, "cpt")
-    heldout = load_tiles(os.path.join(data_root, "corpus"), corpus_domains, "heldout")
-    stats = unit_statistics(corpus.images, corpus.units)
-    suite_root = os.path.join(data_root, "suite")
-    suite, domains = suite_domain_entries(suite_root)
-    suite["root"] = suite_root
     t0 = time.time()
-    model = pretrain(row, seed, corpus, stats, settings, os.path.join(folder, "cpt.pt"), log)
+    model = pretrain(row, seed, data.corpus, data.unit_stats, settings, os.path.join(folder, "cpt.pt"), log)
     t1 = time.time()
-    result = {"row": row, "seed": seed, "settings": settings, "unit_stats": stats,
-              "heldout_miou": heldout_miou(model, heldout, stats),
-              **dg_scores(model, suite, domains, settings, seed, stats),
-              "routing": routing_report(model, heldout, stats)}
+    heldout = data.heldout
+    features, experts = backbone_pass(model, heldout.images, heldout.units, data.unit_stats)  # for both below
+    result = {"row": row, "seed": seed, "settings": settings, "unit_stats": data.unit_stats,
+              "heldout_miou": head_miou(model, model.head, features, heldout.labels),
+              **dg_scores(model, data, settings, seed),
+              "routing": routing_report(model, experts, heldout)}
     result["seconds"] = {"cpt": round(t1 - t0, 1), "dg_and_routing": round(time.time() - t1, 1)}
     write_text_atomic(os.path.join(folder, "result.json"), json.dumps(result))
     return result
@@ -559,9 +544,10 @@ def run_ablation(out, variant="full", data_root=None, rows=tuple(ROWS), log=prin
         todo = [(r, s) for s in settings["seeds"] for r in rows if finished(out, r, s) is None]
         done = len(rows) * len(settings["seeds"]) - len(todo)
         log(f"{len(todo)} runs to do, {done} finished earlier (skipped)")
+        data = load_data(data_root) if todo else None
         t0 = time.time()
         for i, (row, seed) in enumerate(todo):
-            result = run_one(row, seed, out, data_root, settings, log)
+            result = run_one(row, seed, out, data, settings, log)
             left = (time.time() - t0) / (i + 1) * (len(todo) - i - 1)
             s = result["seconds"]
             log(f"[{done + i + 1}/{done + len(todo)}] {row} seed {seed}: cpt {s['cpt']:.0f} s, dg + routing "

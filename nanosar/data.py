@@ -455,10 +455,27 @@ def load_batch(split, indices):
 # The training stream: every batch a function of (seed, position), so resume and DDP are exact
 
 
+def stream_indices(n, seed, start, count):
+    """Tile indices (list of count ints in [0, n)) at positions start .. start + count - 1 of a stream over
+    n tiles that reads a fresh permutation per epoch: position p is tile perm_{p // n}[p % n], with
+    perm_e = permutation seeded by (seed, e). Any batch is a function of (seed, position) alone, which
+    makes resume and the DDP/single-process equivalence exact."""
+    epochs = range(start // n, (start + count - 1) // n + 1) if count else range(0)
+    perms = {e: np.random.default_rng([seed, e]).permutation(n) for e in epochs}
+    return [int(perms[p // n][p % n]) for p in range(start, start + count)]
+
+
+def augment(images, labels, seed, start):
+    """Flip / rotate tile b of a batch read at stream position start + b by one of the 8 dihedral
+    transforms, drawn from (seed, position), so augmentation too is reproducible. In place; returns both."""
+    for b in range(len(images)):
+        k = int(np.random.default_rng([seed, start + b, 7]).integers(8))
+        images[b], labels[b] = dihedral(images[b], k), dihedral(labels[b], k)
+    return images, labels
+
+
 class TileStream:
-    """The training tiles of one or more splits as one index space, read in a fresh permutation per
-    epoch. Position p of the stream is tile perm_{p // n}[p % n]: any batch is a function of
-    (seed, position) alone, which makes resume and the DDP/single-process equivalence exact."""
+    """The training tiles of one or more splits as one index space, read as stream_indices orders them."""
 
     def __init__(self, splits, val_fraction, seed):
         self.splits, self.seed = splits, seed
@@ -469,28 +486,16 @@ class TileStream:
             self.val += [(s, i) for i in range(len(split) - n_val, len(split))]
         if not self.train:
             raise ValueError(f"no training tiles in {[sp.path for sp in splits]}")
-        self._perm_epoch, self._perm = None, None
 
     def tiles_at(self, start, count):
         """(split, tile) pairs at stream positions start .. start + count - 1."""
-        out, n = [], len(self.train)
-        for p in range(start, start + count):
-            epoch = p // n
-            if epoch != self._perm_epoch:
-                self._perm = np.random.default_rng([self.seed, epoch]).permutation(n)
-                self._perm_epoch = epoch
-            out.append(self.train[self._perm[p % n]])
-        return out
+        return [self.train[i] for i in stream_indices(len(self.train), self.seed, start, count)]
 
-    def batch(self, start, count, augment):
-        """Images (B, C, H, W) float32 and labels (B, H, W) int64 at stream positions start...; flips and
-        90-degree rotations are drawn per position, so they too are reproducible."""
+    def batch(self, start, count, augment_tiles):
+        """Images (B, C, H, W) float32 and labels (B, H, W) int64 at stream positions start...; flipped and
+        rotated (augment) when augment_tiles."""
         images, labels = read_tiles(self.splits, self.tiles_at(start, count))
-        if augment:
-            for b in range(count):
-                k = int(np.random.default_rng([self.seed, start + b, 7]).integers(8))
-                images[b], labels[b] = dihedral(images[b], k), dihedral(labels[b], k)
-        return images, labels
+        return augment(images, labels, self.seed, start) if augment_tiles else (images, labels)
 
 
 def read_tiles(splits, pairs):

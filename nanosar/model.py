@@ -696,3 +696,13 @@ class Segmenter(nn.Module):
             backbone_active=total - head - inactive,
             head=head,
         )
+
+
+def weight_decay_groups(module, weight_decay):
+    """AdamW parameter groups of a module's trainable parameters: weight decay on matrices and conv kernels,
+    none on norms, biases, LayerScale and the embeddings (pos_embed, cls_token, register_tokens)."""
+    decay, no_decay, embeddings = [], [], ("pos_embed", "cls_token", "register_tokens")
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or name.endswith(embeddings) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -249,14 +249,16 @@ def test_routing_report_shapes_and_dense_row():
     stats = unit_statistics(corpus.images, corpus.units)
     torch.manual_seed(0)
     moe = Segmenter(ablation.row_config("full", MICRO))
-    report = ablation.routing_report(moe, corpus, stats)
+    report = ablation.routing_report(moe, ablation.backbone_pass(moe, corpus.images, corpus.units, stats)[1], corpus)
     assert set(report["nmi"]) == {*ablation.FACTORS, "class"}
     assert all(len(v) == moe.cfg.depth and all(0 <= x <= 1 for x in v) for v in report["nmi"].values())
     share = report["share"]["representation"][0]
     assert sorted(share["values"]) == sorted(set(corpus.units))
     assert np.allclose(np.asarray(share["table"]).sum(axis=1), 1.0, atol=1e-3)
     dense = Segmenter(ablation.row_config("dense", MICRO))
-    assert ablation.routing_report(dense, corpus, stats) == {"nmi": {}, "share": {}}
+    experts = ablation.backbone_pass(dense, corpus.images, corpus.units, stats)[1]
+    assert experts.shape == (0, len(corpus.images), 1 + 4 * 4) and ablation.routing_report(dense, experts, corpus) == {
+        "nmi": {}, "share": {}}
 
 
 def test_protocol_end_to_end_on_a_micro_corpus(tmp_path):
