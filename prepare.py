@@ -17,8 +17,8 @@ regenerated.
 
 The corpus writes <out>/<domain>/{cpt,heldout} for the 336 single-polarization domains of
 sim.corpus_domains() (7 sensors x their polarizations x dB / amplitude / SLC real / SLC imaginary x 4
-regions) and <out>/corpus.json listing them with their factors, resumable in the same way. Its scenes
-never appear in a benchmark split (they are seeded by the split names "cpt" and "heldout").
+regions) and <out>/corpus.json listing them with their factors, resumable in the same way. Every corpus
+tile is a scene of its own, never one of a benchmark split (seeded by split, domain and index).
 
 Bad input (a missing folder, a damaged file, a full disk) ends with one line on stderr,
 `prepare.py: error: <file>: <what is wrong and what to do>`, and exit status 2.

@@ -76,6 +76,9 @@ TRAIN_KEYS = [k for k, v in globals().items() if not k.startswith("_") and isins
 DATA_CONTRACT = ("img_size", "in_chans", "input_unit", "channels", "pixel_mean", "pixel_std", "num_classes",
                  "class_names")
 MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SARConfig) if f.name not in DATA_CONTRACT}
+# what a backbone from init=ckpt:PATH brings along: it was trained on these inputs (pixels and router features)
+BACKBONE_INPUTS = ("pixel_mean", "pixel_std", "descriptors", "descriptor_mean", "descriptor_std", "multilook",
+                   "entropy_bins", "roughness_block")
 
 
 def fail(message):
@@ -155,11 +158,11 @@ def build_model(cfg, model_overrides, splits, resume_state, master):
         return model
     model_cfg = model_config_from(cfg, model_overrides, splits)
     kind, _, path = cfg["init"].partition(":")
-    if kind == "ckpt":   # the backbone keeps the input normalisation it was trained with
+    if kind == "ckpt":   # the backbone keeps the input normalisation and router inputs it was trained with
         source = or_fail(load_checkpoint, path, parts=("model", "model_args"))
+        kept = {k: source["model_args"][k] for k in BACKBONE_INPUTS if k in source["model_args"]}
+        model_cfg = or_fail(dataclasses.replace, model_cfg, **kept)
         or_fail(check_same_architecture, source["model_args"], dataclasses.asdict(model_cfg), path)
-        model_cfg = dataclasses.replace(model_cfg, pixel_mean=tuple(source["model_args"]["pixel_mean"]),
-                                        pixel_std=tuple(source["model_args"]["pixel_std"]))
     model = Segmenter(model_cfg)
     if kind == "ckpt":
         model.backbone.load_state_dict({k[9:]: v for k, v in source["model"].items() if k.startswith("backbone.")})

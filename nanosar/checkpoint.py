@@ -108,13 +108,15 @@ def load_checkpoint(path, parts=None):
 
 
 ARCHITECTURE_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "n_experts", "top_k", "descriptor_dim",
-                     "patch_size", "in_chans", "num_register_tokens")
+                     "descriptors", "patch_size", "in_chans", "num_register_tokens")
+OLDER_DEFAULTS = {"descriptors": "paper"}   # keys that checkpoints of earlier versions lack, with their meaning
 
 
 def check_same_architecture(model_args, ours, path):
     """CheckpointError unless the checkpoint's model_args (dict) have the architecture of `ours` (dict of
     SARConfig fields): widths, depth, experts, router input, patch, channels, registers."""
-    diff = {k: (model_args.get(k), ours[k]) for k in ARCHITECTURE_KEYS if model_args.get(k) != ours[k]}
+    theirs = {**OLDER_DEFAULTS, **model_args}
+    diff = {k: (theirs.get(k), ours[k]) for k in ARCHITECTURE_KEYS if theirs.get(k) != ours[k]}
     if diff:
         differences = ", ".join(f"{k}={a} (here {b})" for k, (a, b) in diff.items())
         raise CheckpointError(f"checkpoint {path} is from another model: {differences}")

@@ -54,8 +54,14 @@ class SARConfig:
     n_experts: int = 6
     top_k: int = 1
     descriptor_dim: int = 3           # 3 = physics router on [token || descriptors]; 0 = router sees tokens only
+    descriptors: str = "paper"        # "paper": on log(1 + |x|), as the paper writes them; "physical": the documented
+                                      # variant on linear intensity (section 2); "given": the caller passes the
+                                      # router's descriptor_dim inputs (forward_prepared; the ablation's oracle)
+    descriptor_mean: tuple = ()       # standardisation of the router's descriptor inputs (corpus statistics); () = none
+    descriptor_std: tuple = ()
     entropy_bins: int = 18            # orientation bins over [0, pi) for the directional entropy (10 degrees each)
-    roughness_block: int = 16         # block size in pixels for the local roughness
+    roughness_block: int = 16         # block size in pixels for the local roughness (and "physical": the local ENL)
+    multilook: int = 4                # "physical": H_DE on the intensity averaged over multilook x multilook pixels
     balance_loss_weight: float = 0.005  # Switch load-balance loss weight (paper: 0.005)
     router_z_loss_weight: float = 0.001  # ST-MoE router z-loss weight (not in the paper; 0 disables)
     moe_dispatch: str = "fast"        # "fast": csrc/ kernels where built, else grouped PyTorch; "reference": a loop
@@ -68,7 +74,8 @@ class SARConfig:
 
     def __post_init__(self):
         """Checks of the values that would otherwise go wrong silently; lists from JSON become tuples."""
-        for name in ("channels", "pixel_mean", "pixel_std", "class_names", "feature_layers"):
+        for name in ("channels", "pixel_mean", "pixel_std", "class_names", "feature_layers", "descriptor_mean",
+                     "descriptor_std"):
             setattr(self, name, tuple(getattr(self, name)))
         self.feature_layers = self.feature_layers or tuple(self.depth * (i + 1) // 4 - 1 for i in range(4))
         problems = [
@@ -80,6 +87,16 @@ class SARConfig:
             (len(self.class_names) not in (0, self.num_classes),
              f"class_names has {len(self.class_names)} entries for num_classes={self.num_classes}"),
             (self.img_size % self.patch_size, f"img_size {self.img_size} is not a multiple of patch {self.patch_size}"),
+            (self.descriptors not in ("paper", "physical", "given"),
+             f"descriptors must be paper, physical or given, got {self.descriptors!r}"),
+            (self.descriptors != "given" and self.descriptor_dim not in (0, 3),
+             f"descriptor_dim must be 0 (token-only router) or 3 (the three descriptors), got {self.descriptor_dim}; "
+             f"other sizes need descriptors='given'"),
+            (self.descriptors == "given" and self.descriptor_dim < 1, "descriptors='given' needs descriptor_dim >= 1"),
+            (any(len(v) not in (0, self.descriptor_dim) for v in (self.descriptor_mean, self.descriptor_std)),
+             f"descriptor_mean and descriptor_std need descriptor_dim={self.descriptor_dim} entries (or none)"),
+            (any(s <= 0 for s in self.descriptor_std), f"descriptor_std must be positive, got {self.descriptor_std}"),
+            (self.multilook < 1, f"multilook must be >= 1, got {self.multilook}"),
             (not 1 <= self.top_k <= self.n_experts, f"top_k must be in [1, n_experts={self.n_experts}]"),
             (min(self.balance_loss_weight, self.router_z_loss_weight) < 0, "the loss weights must be >= 0"),
             (self.moe_dispatch not in ("fast", "reference"), f"moe_dispatch must be fast or reference, "
@@ -117,8 +134,17 @@ PRESETS = {
 # -----------------------------------------------------------------------------
 # 2. SAR physical descriptors (paper Sec. 3, "Physical Mechanism Router")
 #
-# One scalar each per image, on X' = log(1 + |X|) of the magnitude image, over its valid pixels: a pixel
-# whose magnitude is exactly 0 is no-data (the zero-filled border of a real scene), never a measurement.
+# Three scalars per image, over its valid pixels (a pixel whose magnitude is exactly 0 is no-data, the
+# zero-filled border of a real scene, never a measurement). They enter the model in Segmenter.forward
+# (section 7): sar_descriptors -> router_features -> every block's PhysicsRouter (section 4).
+# Two definitions (SARConfig.descriptors):
+#   "paper":    on X' = log(1 + |X|) of the magnitude image, as the paper writes them: directional entropy
+#               of Sobel gradients, ENL = (mean / std)^2 of the whole image, variance of block means.
+#   "physical": the same three quantities where they carry physics, on the linear intensity I (so all
+#               three are scale-free: dB, amplitude, intensity and DN views of one image give the same):
+#               H_DE on ln of the multilooked I (structure, not pixel speckle, sets the orientations), the
+#               local ENL (median over blocks of (mean / std)^2 of I: the looks, where the scene is
+#               homogeneous) and the coefficient of variation of the block means of I.
 
 
 def sar_magnitude(x, input_unit):
@@ -187,23 +213,118 @@ def local_roughness(img, block=16, valid=None):
     return (((means - mean) ** 2) * used).sum(dim=1) / n
 
 
+def sar_intensity(x, input_unit):
+    """(B, C, H, W) pixels in `input_unit` -> (B, H, W) linear intensity (power), up to a constant factor.
+
+    Channel mean of: 10^(x/10) (db), |x| (intensity), x^2 (amplitude; dn: DN^2, the intensity times
+    dn_scale^2; real, imag: the power of that part of the SLC, on average half the intensity); complex:
+    re^2 + im^2.
+    """
+    if input_unit == "complex":
+        return x[:, 0] ** 2 + x[:, 1] ** 2              # (B, H, W)
+    if input_unit == "db":
+        return (10.0 ** (x / 10.0)).mean(dim=1)
+    if input_unit == "intensity":
+        return x.abs().mean(dim=1)
+    return (x**2).mean(dim=1)
+
+
+def image_blocks(img, block):
+    """(B, H, W) -> (B, nb, block * block): the non-overlapping block x block blocks, row-major; rows and
+    columns beyond the last whole block are dropped."""
+    B, H, W = img.shape
+    h, w = H // block, W // block
+    blocks = img[:, : h * block, : w * block].reshape(B, h, block, w, block)   # (B, h, b, w, b)
+    return blocks.transpose(2, 3).reshape(B, h * w, block * block)
+
+
+def multilook(img, window, valid):
+    """Boxcar multilook: the means of non-overlapping window x window blocks (window^2 looks averaged, the
+    speckle's std falls by window). img, valid: (B, H, W) -> (B, H // window, W // window) means and
+    validity (a block is valid when all its pixels are)."""
+    pixels, ok = image_blocks(img, window), image_blocks(valid.to(img), window)    # (B, nb, w*w)
+    shape = (img.shape[0], img.shape[1] // window, img.shape[2] // window)
+    return pixels.mean(dim=2).view(shape), (ok.amin(dim=2) > 0).view(shape)
+
+
+def block_enl(intensity, block, valid):
+    """Local ENL: the lower median over block x block blocks of (mean / std)^2 of the linear intensity,
+    unbiased std, blocks at least half valid. intensity, valid: (B, H, W) -> (B,).
+
+    For L-look speckle over a homogeneous area every block estimates L (within ~2 % for 16 x 16 blocks);
+    blocks with edges or texture estimate less and the median passes over them while most blocks are
+    homogeneous. A constant image gives 1e8 (variance floored at 1e-8 mean^2), an image without a usable
+    block 0, and a NaN or inf pixel NaN.
+    """
+    x, w = image_blocks(intensity, block), image_blocks(valid.to(intensity), block)   # (B, nb, b*b)
+    n = w.sum(dim=2)                                                               # (B, nb) valid pixels
+    mean = (x * w).sum(dim=2) / n.clamp_min(1)
+    var = (((x - mean[..., None]) ** 2) * w).sum(dim=2) / (n - 1).clamp_min(1)
+    enl = mean**2 / var.clamp_min(1e-8 * mean**2).clamp_min(1e-30)                  # (B, nb)
+    used = n >= 0.5 * block * block
+    median = torch.where(used, enl, math.nan).nanmedian(dim=1).values                 # NaN when none is used
+    broken = (used & enl.isnan()).any(dim=1)                                          # nanmedian skips NaN
+    return torch.where(broken, math.nan, torch.nan_to_num(median, nan=0.0))
+
+
+def block_mean_variation(intensity, block, valid):
+    """Coefficient of variation std / mean of the block x block block means of the linear intensity (blocks
+    at least half valid; std over blocks). intensity, valid: (B, H, W) -> (B,), dimensionless: 0 for a
+    constant image, ~0 for homogeneous speckle, large for a scene that changes at the block scale."""
+    x, w = image_blocks(intensity, block), image_blocks(valid.to(intensity), block)
+    n = w.sum(dim=2)
+    used = (n >= 0.5 * block * block).to(intensity)
+    means = (x * w).sum(dim=2) / n.clamp_min(1)                                    # (B, nb)
+    count = used.sum(dim=1).clamp_min(1)
+    mean = (means * used).sum(dim=1) / count
+    std = ((((means - mean[:, None]) ** 2) * used).sum(dim=1) / count).sqrt()
+    return std / mean.clamp_min(1e-30)
+
+
+def physical_descriptors(x, cfg):
+    """The "physical" variant of s = [H_DE, ENL, R]. x: (B, C, H, W) in cfg.input_unit -> (B, 3): the directional
+    entropy (nats) of ln(multilooked intensity), the local ENL of the intensity (block_enl, blocks of
+    cfg.roughness_block) and the coefficient of variation of its block means (block_mean_variation)."""
+    intensity = sar_intensity(x, cfg.input_unit)                                   # (B, H, W) linear power
+    valid = intensity != 0                                                         # NaN stays valid: it shows
+    looked, looked_valid = multilook(intensity, cfg.multilook, valid)              # (B, H/m, W/m)
+    log_looked = torch.where(looked_valid, torch.log(looked.clamp_min(1e-30)), 0.0)
+    return torch.stack([directional_entropy(log_looked, cfg.entropy_bins, looked_valid),
+                        block_enl(intensity, cfg.roughness_block, valid),
+                        block_mean_variation(intensity, cfg.roughness_block, valid)], dim=1)
+
+
 def sar_descriptors(x, cfg):
-    """The paper's s = [H_DE, ENL, R_LR] per image. x: (B, C, H, W) in cfg.input_unit -> (B, 3) raw values,
-    on X' = log(1 + |X|) of the magnitude image (sar_magnitude), in float32, without gradient."""
+    """The descriptors s = [H_DE, ENL, R] per image, as cfg.descriptors defines them ("given" computes the
+    paper's, for the report: its router reads what the caller passes). x: (B, C, H, W) in cfg.input_unit ->
+    (B, 3) raw values in float32, without gradient."""
     with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        if cfg.descriptors == "physical":
+            return physical_descriptors(x.float(), cfg)
         magnitude = sar_magnitude(x.float(), cfg.input_unit)                   # (B, H, W)
         img, valid = torch.log1p(magnitude), magnitude != 0                    # X', no-data = exactly 0
         return torch.stack([directional_entropy(img, cfg.entropy_bins, valid), equivalent_number_of_looks(img, valid),
                             local_roughness(img, cfg.roughness_block, valid)], dim=1)
 
 
-def router_features(s, n_bins):
-    """Raw descriptors (B, 3) -> router inputs (B, 3) of order one: H / ln(n_bins) in [0, 1], ln ENL clamped
-    to [-6.9, 9.2] and ln(R + 1e-6), since ENL and roughness span orders of magnitude across sensors."""
+def router_features(s, cfg):
+    """Raw descriptors (B, 3) -> router inputs (B, 3) of order one: H / ln(bins) in [0, 1], ln ENL clamped to
+    [-6.9, 9.2], and ln(R + 1e-6) ("paper") or ln(R + 1e-3) ("physical": R is a coefficient of variation),
+    since ENL and roughness span orders of magnitude across sensors; then standardised with
+    cfg.descriptor_mean and descriptor_std when they are set."""
     entropy, enl, roughness = s.unbind(dim=1)
-    return torch.stack(
-        [entropy / math.log(n_bins), torch.log(enl.clamp(1e-3, 1e4)), torch.log(roughness + 1e-6)], dim=1
-    )
+    floor = 1e-3 if cfg.descriptors == "physical" else 1e-6
+    features = torch.stack([entropy / math.log(cfg.entropy_bins), torch.log(enl.clamp(1e-3, 1e4)),
+                            torch.log(roughness + floor)], dim=1)                  # (B, 3)
+    return standardise_router_input(features, cfg)
+
+
+def standardise_router_input(features, cfg):
+    """(B, descriptor_dim) -> (features - descriptor_mean) / descriptor_std, or as given when they are unset."""
+    if not cfg.descriptor_mean:
+        return features
+    mean, std = features.new_tensor(cfg.descriptor_mean), features.new_tensor(cfg.descriptor_std)
+    return (features - mean) / std
 
 
 # -----------------------------------------------------------------------------
@@ -629,6 +750,8 @@ def check_input(x, cfg):
         raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {cfg.patch_size}; pad or crop it")
     if min(H, W) < 2 * cfg.roughness_block:
         raise ValueError(f"image size {H}x{W} is smaller than 2x2 roughness blocks of {cfg.roughness_block} pixels")
+    if cfg.descriptors == "physical" and min(H, W) < 3 * cfg.multilook:
+        raise ValueError(f"image size {H}x{W} is smaller than 3x3 multilook windows of {cfg.multilook} pixels")
 
 
 class Segmenter(nn.Module):
@@ -646,15 +769,27 @@ class Segmenter(nn.Module):
 
     def forward(self, x):
         check_input(x, self.cfg)
+        if self.cfg.descriptors == "given" and self.cfg.descriptor_dim:
+            raise ValueError("this model's router reads inputs its caller supplies (descriptors='given'): call "
+                             "forward_prepared(x_norm, s_raw, router_input)")
         s_raw = sar_descriptors(x, self.cfg)                                   # (B, 3)
         return self.forward_prepared((x - self.pixel_mean) / self.pixel_std, s_raw)
 
-    def forward_prepared(self, x, s_raw):
+    def forward_prepared(self, x, s_raw, router_input=None):
         """The rest of forward, for pixels x (B, C, H, W) already normalised and descriptors s_raw (B, 3)
         already computed: for batches mixing units, whose normalisation and descriptors depend on each
-        tile's unit (nanosar/ablation.py's pre-training corpus). -> SegmenterOutput."""
+        tile's unit (nanosar/ablation.py's pre-training corpus). router_input (B, descriptor_dim): what
+        the router reads beside each token when cfg.descriptors is "given" (the ablation's oracle: the
+        tile's true domain factors), instead of router_features(s_raw). -> SegmenterOutput."""
         cfg = self.cfg
-        s = router_features(s_raw, cfg.entropy_bins) if cfg.descriptor_dim else None
+        if (router_input is not None) != (cfg.descriptors == "given" and cfg.descriptor_dim > 0):
+            raise ValueError("router_input is for models with descriptors='given' (and descriptor_dim > 0), "
+                             f"which need it; this one has descriptors={cfg.descriptors!r}, "
+                             f"descriptor_dim={cfg.descriptor_dim}")
+        if router_input is not None and router_input.shape != (x.shape[0], cfg.descriptor_dim):
+            raise ValueError(f"router_input must be (B, descriptor_dim) = ({x.shape[0]}, {cfg.descriptor_dim}), "
+                             f"got {tuple(router_input.shape)}")
+        s = router_input if router_input is not None else router_features(s_raw, cfg) if cfg.descriptor_dim else None
         features, routings = self.backbone(x, s)
         logits = self.head(features)                                           # (B, K, 4H/p, 4W/p)
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear")     # (B, K, H, W)

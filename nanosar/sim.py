@@ -512,8 +512,8 @@ EXTRA_DOMAINS = [D("N", "S1", ("VV", "VH"))]
 # each representation it offers (dB and amplitude; also the real and imaginary part of the SLC for the
 # single-look presets) x the four regions, at the sensor's pixel spacing and at any other spacing a
 # benchmark resamples it to. Single-polarization, so every tile has one channel. Its splits are named
-# CORPUS_SPLITS, and scenes are seeded by the split's name (simulate_tile), so no corpus scene is a scene
-# of a benchmark split ("train", "test").
+# CORPUS_SPLITS, and scenes are seeded by the split's and the domain's name (scene_seed), so every corpus
+# tile has a scene of its own and none is a scene of a benchmark split ("train", "test").
 CORPUS_REPRESENTATIONS = ("db", "amplitude", "real", "imag")
 CORPUS_SPLITS = ("cpt", "heldout")
 
@@ -550,16 +550,20 @@ def stable_seed(*parts):
 
 
 def scene_seed(domain, split, index, seed=0):
-    """The seed of tile `index`'s scene (label map and heights): a function of (seed, region, split, index,
-    pixel spacing) only, so splits of different names never share a scene."""
+    """The seed of tile `index`'s scene (label map and heights). Benchmark splits: a function of (seed, region,
+    split, index, pixel spacing), so two domains of one region and spacing share their scenes (a
+    polarization or representation gap changes the radar, not the ground). Corpus splits (CORPUS_SPLITS):
+    the domain's name too, so every corpus tile is a scene of its own. Splits of different names never
+    share a scene."""
     spacing = domain.spacing_m or SENSORS[domain.sensor].pixel_spacing_m
+    if split in CORPUS_SPLITS:
+        return stable_seed(seed, domain.region, split, index, spacing, domain.name)
     return stable_seed(seed, domain.region, split, index, spacing)
 
 
 def simulate_tile(domain, split, index, size, seed=0):
     """One tile of a domain: image (C, size, size) float32 in domain.representation, labels (size, size),
-    info. Scenes depend on (seed, region, split, index, spacing) only, so two domains of one region
-    share their label maps wherever their pixel spacing is the same."""
+    info; its scene is drawn from scene_seed."""
     sensor = SENSORS[domain.sensor]
     spacing = domain.spacing_m or sensor.pixel_spacing_m
     scene_rng = np.random.default_rng(scene_seed(domain, split, index, seed))
@@ -573,7 +577,8 @@ def simulate_tile(domain, split, index, size, seed=0):
 # Bump when simulate_tile's output for the same (seed, domain, split, index, size) changes: prepare.py
 # then regenerates splits of the older version instead of resuming with them.
 # 2: Sentinel-1 thermal noise removal; large homogeneous areas in some scenes; meta "noise_removed".
-GENERATOR_VERSION = 2
+# 3: every corpus tile its own scene (scene_seed); benchmark splits unchanged.
+GENERATOR_VERSION = 3
 
 
 def split_meta(domain, split, size, seed=0):

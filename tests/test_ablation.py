@@ -1,6 +1,7 @@
-"""Tests of nanosar/ablation.py and the pre-training corpus: golden NMI values, token shares, bootstrap
-coverage, mean ± std, mixed-unit inputs, the feature cache, exact resume of pre-training, corpus scenes
-disjoint from the benchmarks', and the whole protocol end to end on a micro corpus."""
+"""Tests of nanosar/ablation.py and the pre-training corpus: mixed-unit inputs, the oracle's input, the
+feature cache, upcycling stage 0 (= the dense model at step 0), the FFN share, exact resume of
+pre-training, corpus scenes distinct and disjoint from the benchmarks', and the whole protocol end to end on
+a micro corpus (also the GPU variant's dry run, on the CPU). The statistics are in tests/test_stats.py."""
 
 import dataclasses
 import json
@@ -12,92 +13,8 @@ import pytest
 import torch
 
 from nanosar import ablation, sim
-from nanosar.ablation import (
-    cached_features,
-    format_mean_std,
-    head_logits_from_cache,
-    mean_std,
-    model_inputs,
-    normalized_mutual_information,
-    paired_bootstrap_ci,
-    share_of_tokens,
-    unit_statistics,
-)
-from nanosar.model import SARConfig, Segmenter, sar_descriptors
-
-
-def product_table(rows, cols):
-    """Label arrays whose contingency table is exactly the outer product rows x cols (independent)."""
-    a, b = [], []
-    for i, r in enumerate(rows):
-        for j, c in enumerate(cols):
-            a += [i] * (r * c)
-            b += [j] * (r * c)
-    return np.array(a), np.array(b)
-
-
-def test_nmi_independent_is_zero():
-    a, b = product_table([1, 2, 3], [1, 1, 2, 4])
-    assert normalized_mutual_information(a, b) == pytest.approx(0.0, abs=1e-12)
-
-
-def test_nmi_one_to_one_is_one():
-    rng = np.random.default_rng(0)
-    expert = rng.integers(0, 6, size=500)
-    names = np.array(["S1", "ALOS2", "GF3", "ICEYE", "UAVSAR", "TSX"])  # a relabelling of the experts
-    assert normalized_mutual_information(expert, names[expert]) == pytest.approx(1.0, abs=1e-12)
-
-
-def test_nmi_hand_computed_table():
-    # joint table of a = [0,0,1,1], b = [0,0,0,1]: p(0,0) = 1/2, p(1,0) = p(1,1) = 1/4
-    # I = 1.5 ln 2 - 0.75 ln 3, H(A) = ln 2, H(B) = 2 ln 2 - 0.75 ln 3  -> NMI ~ 0.3456
-    ln2, ln3 = math.log(2), math.log(3)
-    expected = (1.5 * ln2 - 0.75 * ln3) / math.sqrt(ln2 * (2 * ln2 - 0.75 * ln3))
-    value = normalized_mutual_information([0, 0, 1, 1], [0, 0, 0, 1])
-    assert value == pytest.approx(expected, abs=1e-12)
-    assert value == normalized_mutual_information([0, 0, 0, 1], [0, 0, 1, 1])  # symmetric
-
-
-def test_nmi_zero_entropy_and_bad_input():
-    assert normalized_mutual_information([3, 3, 3], [0, 1, 2]) == 0.0
-    assert normalized_mutual_information([3, 3, 3], [1, 1, 1]) == 0.0
-    with pytest.raises(ValueError, match="same non-zero length"):
-        normalized_mutual_information([0, 1], [0, 1, 2])
-
-
-def test_share_of_tokens_rows_and_order():
-    expert = np.array([0, 1, 1, 2, 2, 2, 0, 0])
-    domain = np.array(["S1", "S1", "S1", "GF3", "GF3", "GF3", "ALOS2", "ALOS2"])
-    table, names = share_of_tokens(expert, domain, n_experts=4)
-    assert names == ["S1", "GF3", "ALOS2"]                      # first-appearance order, not sorted
-    np.testing.assert_allclose(table, [[1 / 3, 2 / 3, 0, 0], [0, 0, 1, 0], [1, 0, 0, 0]])
-    np.testing.assert_allclose(table.sum(axis=1), 1.0)
-    with pytest.raises(ValueError, match="expert ids"):
-        share_of_tokens([0, 4], ["a", "b"], n_experts=4)
-
-
-def test_bootstrap_covers_true_mean():
-    diffs = np.random.default_rng(1).normal(0.5, 1.0, size=200)
-    mean, low, high = paired_bootstrap_ci(diffs)
-    assert low < 0.5 < high and low > 0.0
-    assert mean == pytest.approx(diffs.mean()) and low < mean < high
-    assert paired_bootstrap_ci(diffs) == (mean, low, high)       # deterministic for a seed
-
-
-def test_bootstrap_coverage_is_near_nominal():
-    rng = np.random.default_rng(2)
-    hits = 0
-    for rep in range(200):
-        _, low, high = paired_bootstrap_ci(rng.normal(0.5, 1.0, size=30), n_boot=2000, seed=rep)
-        hits += low <= 0.5 <= high
-    assert 0.88 <= hits / 200 <= 0.99
-
-
-def test_mean_std_and_format():
-    mean, std = mean_std([17.5, 18.2, 18.9])
-    assert mean == pytest.approx(18.2) and std == pytest.approx(0.7)  # ddof = 1
-    assert format_mean_std([17.5, 18.2, 18.9]) == "18.2 ± 0.7"
-    assert format_mean_std([18.24]) == "18.2" and math.isnan(mean_std([18.24])[1])
+from nanosar.ablation import cached_features, head_logits_from_cache, model_inputs, oracle_input, unit_statistics
+from nanosar.model import SARConfig, Segmenter, router_features, sar_descriptors
 
 
 def test_cached_features_give_the_same_logits():
@@ -145,7 +62,8 @@ def test_model_inputs_mixed_units_treat_each_tile_in_its_unit():
     db = 20 * torch.log10(amplitude)                           # the same scenes in dB
     x, units = torch.cat([db, amplitude]), ["db", "db", "amplitude", "amplitude"]
     stats = {"db": (-10.0, 5.0), "amplitude": (0.25, 0.15)}
-    x_norm, s_raw = model_inputs(model, x, units, stats)
+    x_norm, s_raw, router_input = model_inputs(model, x, units, stats)
+    assert router_input is None                                 # only an oracle ("given") model has one
     torch.testing.assert_close(x_norm[:2], (db + 10) / 5)
     torch.testing.assert_close(x_norm[2:], (amplitude - 0.25) / 0.15)
     for rows, unit in ((slice(0, 2), "db"), (slice(2, 4), "amplitude")):
@@ -166,6 +84,49 @@ def test_patch_classes_majority():
 
 
 # -----------------------------------------------------------------------------
+# the oracle router: the tile's true domain factors, and only them
+
+
+def test_oracle_input_is_the_one_hot_of_the_factors():
+    factors = {"sensor": ["S1", "AX"], "band": ["C", "X"], "polarization": ["VV", "HH"],
+               "representation": ["db", "imag"], "region": ["N", "C"]}
+    x = oracle_input(factors)
+    assert x.shape == (2, ablation.ORACLE_DIM) == (2, 7 + 3 + 4 + 4 + 4) and x.dtype == torch.float32
+    names = [f"{f}={v}" for f, values in ablation.ORACLE_VALUES.items() for v in values]
+    assert [n for n, on in zip(names, x[0]) if on] == ["sensor=S1", "band=C", "polarization=VV",
+                                                       "representation=db", "region=N"]
+    assert [n for n, on in zip(names, x[1]) if on] == ["sensor=AX", "band=X", "polarization=HH",
+                                                       "representation=imag", "region=C"]
+    assert set(x.unique().tolist()) == {0.0, 1.0} and (x.sum(1) == len(ablation.ORACLE_VALUES)).all()
+    with pytest.raises(ValueError, match=r"oracle: band values \['Ku'\]"):
+        oracle_input(dict(factors, band=["C", "Ku"]))
+
+
+def test_the_oracle_router_reads_the_factors_and_not_the_pixels():
+    torch.manual_seed(0)
+    model = Segmenter(ablation.row_config("oracle", MICRO)).eval()
+    assert model.cfg.descriptors == "given" and model.cfg.descriptor_dim == ablation.ORACLE_DIM
+    router = model.backbone.blocks[0].mlp.router
+    x = torch.randn(3, 1, 32, 32) * 3 - 12                     # three tiles, other pixels
+    factors = {"sensor": ["S1", "S1", "L2"], "band": ["C", "C", "L"], "polarization": ["VV", "VV", "HH"],
+               "representation": ["db"] * 3, "region": ["N", "N", "S"]}
+    x_norm, s_raw, given = model_inputs(model, x, ["db"] * 3, {"db": (-12.0, 3.0)}, factors)
+    torch.testing.assert_close(given, oracle_input(factors))
+    # the router's per-tile term (W_s s) is the same for tiles 0 and 1 (same factors, other pixels) ...
+    W = router.linear.weight[:, router.dim:]
+    term = given @ W.T                                          # (3, E)
+    torch.testing.assert_close(term[0], term[1])
+    assert not torch.allclose(term[0], term[2])                # ... and another for tile 2
+    with torch.no_grad():
+        out = model.forward_prepared(x_norm, s_raw, given)
+    assert out.logits.shape == (3, 7, 32, 32) and torch.isfinite(out.logits).all()
+    with pytest.raises(ValueError, match="descriptors='given'"):
+        model(x)                                                # no factors, no forward
+    with pytest.raises(ValueError, match="domain factors"):
+        model_inputs(model, x, ["db"] * 3, {"db": (-12.0, 3.0)})
+
+
+# -----------------------------------------------------------------------------
 # the corpus
 
 
@@ -180,30 +141,39 @@ def test_corpus_spans_every_sensor_polarization_representation_and_region():
     spacings = {(d.sensor, d.spacing_m) for d in domains}
     assert all((d.sensor, d.spacing_m) in spacings for d in sim.suite_domains())   # incl. X1 resampled to 8 m
     assert all(isinstance(d.pol, str) for d in domains)                             # one channel per tile
+    assert {ablation.sensor_code(sim.SENSORS[d.sensor].name) for d in domains} == set(sim.SENSORS)
 
 
-def test_no_benchmark_scene_is_in_the_corpus():
-    """Scenes are a function of their seed (scene_seed); the corpus's seeds are none of the benchmarks',
-    and the label maps and heights of overlapping (region, spacing) scenes differ too."""
-    corpus_seeds = {tuple(sim.scene_seed(d, split, i)) for d in sim.corpus_domains() for split in sim.CORPUS_SPLITS
-                    for i in range(64)}
+def test_corpus_tiles_are_distinct_scenes_disjoint_from_every_benchmark():
+    """Every corpus tile its own scene (no two share a label map unless it is one class), and no corpus
+    scene among the benchmark splits' (by seed, and by label map where region and spacing agree)."""
+    corpus_seeds = [tuple(sim.scene_seed(d, split, i)) for d in sim.corpus_domains() for split in sim.CORPUS_SPLITS
+                    for i in range(8)]
+    assert len(set(corpus_seeds)) == len(corpus_seeds)
     bench_seeds = {tuple(sim.scene_seed(d, split, i)) for d in sim.suite_domains() + sim.EXTRA_DOMAINS
                    for split in ("train", "test") for i in range(512)}
-    assert corpus_seeds and bench_seeds and not corpus_seeds & bench_seeds
-    domain = sim.D("N", "G3", "HH")
-    scene = lambda split, i: sim.make_scene("N", 64, 8.0, np.random.default_rng(sim.scene_seed(domain, split, i)))  # noqa: E731
-    fingerprint = lambda labels, heights: hash(labels.tobytes() + heights.tobytes())             # noqa: E731
-    test_scenes = {fingerprint(*scene("test", i)) for i in range(64)}
-    assert not test_scenes & {fingerprint(*scene(split, i)) for split in sim.CORPUS_SPLITS for i in range(16)}
+    assert not set(corpus_seeds) & bench_seeds
+    # the label maps themselves: the domains of one region and spacing (G3, 8 m) that share benchmark scenes
+    same_ground = [d for d in sim.corpus_domains() if d.region == "N" and d.sensor == "G3"][:6]
+    maps = [sim.simulate_tile(d, split, i, 32)[1] for d in same_ground for split in sim.CORPUS_SPLITS for i in range(3)]
+    mixed = [m.tobytes() for m in maps if len(np.unique(m)) > 1]
+    assert len(mixed) > len(maps) // 2 and len(set(mixed)) == len(mixed)
+    bench = {sim.make_scene("N", 32, 8.0, np.random.default_rng(sim.scene_seed(sim.D("N", "G3", "HH"), split, i)))[0]
+             .tobytes() for split in ("train", "test") for i in range(64)}
+    assert not set(mixed) & bench
+
+
+def test_suite_scenes_are_shared_across_radar_factors_as_before():
+    """The benchmark splits keep their scene seeds: the domains of a polarization gap share the ground."""
+    hh, vv = sim.D("N", "G3", "HH"), sim.D("N", "G3", "VV")
+    assert sim.scene_seed(hh, "test", 3) == sim.scene_seed(vv, "test", 3)
+    np.testing.assert_array_equal(sim.simulate_tile(hh, "test", 3, 32)[1], sim.simulate_tile(vv, "test", 3, 32)[1])
 
 
 # -----------------------------------------------------------------------------
 # the protocol
 
-
-MICRO = dict(ablation.DATA, tile=32, corpus_tiles={"cpt": 1, "heldout": 1}, suite_tiles={"train": 4, "test": 2},
-             seeds=[0, 1], cpt_steps=4, cpt_batch=4, cpt_lr=1e-3, warmup=1, head_steps=2, head_batch=4,
-             head_lr=1e-3, preset="tiny")
+MICRO = dict(ablation.dry_run_settings("quick"), seeds=[0, 1])
 
 
 def micro_corpus(n=12, size=32):
@@ -219,12 +189,77 @@ def micro_corpus(n=12, size=32):
     return ablation.Tiles(torch.stack(images), torch.stack(labels), [d.name for d in domains], units, factors)
 
 
-def test_pretraining_resumes_exactly(tmp_path, monkeypatch):
+def micro_data():
+    """An AblationData over micro_corpus (pre-training and held-out tiles alike), no suite."""
     corpus = micro_corpus()
-    stats = unit_statistics(corpus.images, corpus.units)
+    return ablation.AblationData(corpus, corpus, unit_statistics(corpus.images, corpus.units), [], {})
+
+
+@pytest.mark.parametrize("row", ["full", "full_renorm", "physical", "oracle", "moe_token", "dense"])
+def test_upcycled_rows_start_as_the_dense_stage0_model(row):
+    """Step 0 of every row is stage 0: MoE rows upcycled (experts = its FFN) under renorm and straight-through
+    gates compute exactly what the dense model does, whatever the fresh router decides."""
+    data = micro_data()
+    torch.manual_seed(0)
+    dense = Segmenter(ablation.row_config("dense", MICRO))
+    with torch.no_grad():                                       # a stage 0 that is not at its initialisation
+        for p in dense.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    stats = {kind: ablation.descriptor_statistics(dataclasses.replace(ablation.row_config("full", MICRO),
+                                                                      descriptors=kind), data.corpus)
+             for kind in ("paper", "physical")}
+    model = ablation.start_from_stage0(row, 0, dense, MICRO, stats).eval()
+    assert model.cfg.gate in ("renorm", "straight_through") and model.cfg.n_experts == ROWS_EXPERTS[row]
+    idx = list(range(len(data.corpus.units)))
+    with torch.no_grad():
+        ours = model.forward_prepared(*model_inputs(model, data.corpus.images, data.corpus.units, data.unit_stats,
+                                                    data.corpus.rows(idx)))
+        theirs = dense.eval().forward_prepared(*model_inputs(dense, data.corpus.images, data.corpus.units,
+                                                             data.unit_stats, data.corpus.rows(idx)))
+    torch.testing.assert_close(ours.logits, theirs.logits, rtol=1e-5, atol=1e-5)
+    if model.cfg.n_experts > 1 and model.cfg.descriptors in ("paper", "physical") and model.cfg.descriptor_dim:
+        assert model.cfg.descriptor_mean == stats[model.cfg.descriptors][0]   # standardised with corpus statistics
+
+
+ROWS_EXPERTS = {row: ablation.row_config(row, MICRO).n_experts for row in ablation.ROWS}
+
+
+def test_descriptor_statistics_standardise_the_corpus():
+    data = micro_data()
+    for kind in ("paper", "physical"):
+        cfg = dataclasses.replace(ablation.row_config("full", MICRO), descriptors=kind)
+        mean, std = ablation.descriptor_statistics(cfg, data.corpus)
+        standardised = dataclasses.replace(cfg, descriptor_mean=mean, descriptor_std=std)
+        features = router_features(ablation.tile_descriptors(cfg, data.corpus), standardised)
+        torch.testing.assert_close(features.mean(0), torch.zeros(3), atol=1e-4, rtol=0)
+        torch.testing.assert_close(features.std(0), torch.ones(3), atol=1e-3, rtol=0)
+
+
+def test_ffn_share_measures_the_branch_against_the_stream():
+    data = micro_data()
+    torch.manual_seed(0)
+    model = Segmenter(ablation.row_config("dense", MICRO))
+    share = ablation.ffn_share(model, data.corpus, data.unit_stats)
+    assert len(share) == model.cfg.depth and all(s > 0 for s in share)
+    with torch.no_grad():
+        model.backbone.blocks[-1].ls2.gamma.mul_(2.0)           # the last FFN writes twice as much
+    assert ablation.ffn_share(model, data.corpus, data.unit_stats)[-1] == pytest.approx(2 * share[-1], rel=1e-5)
+    with torch.no_grad():
+        model.backbone.blocks[0].ls2.gamma.zero_()              # the first writes nothing
+    assert ablation.ffn_share(model, data.corpus, data.unit_stats)[0] == 0.0
+
+
+def test_pretraining_resumes_exactly(tmp_path, monkeypatch):
+    data = micro_data()
     settings = dict(MICRO, cpt_steps=6)
     monkeypatch.setattr(ablation, "CKPT_EVERY", 2)
-    whole = ablation.pretrain("full", 0, corpus, stats, settings, str(tmp_path / "a.pt"), log=lambda m: None)
+
+    def run(path, log=lambda m: None):
+        torch.manual_seed(0)
+        model = Segmenter(ablation.row_config("full", settings))
+        return ablation.pretrain(model, data.corpus, data.unit_stats, settings, 6, 1e-3, 10, 0, str(path), log)
+
+    whole = run(tmp_path / "a.pt")
     calls, real = [0], ablation.model_inputs
 
     def interrupted(*args, **kwargs):                         # dies in step 5, after the checkpoint of step 4
@@ -235,10 +270,10 @@ def test_pretraining_resumes_exactly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ablation, "model_inputs", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        ablation.pretrain("full", 0, corpus, stats, settings, str(tmp_path / "b.pt"), log=lambda m: None)
+        run(tmp_path / "b.pt")
     monkeypatch.setattr(ablation, "model_inputs", real)
     lines = []
-    resumed = ablation.pretrain("full", 0, corpus, stats, settings, str(tmp_path / "b.pt"), log=lines.append)
+    resumed = run(tmp_path / "b.pt", lines.append)
     assert lines == [f"  resuming {tmp_path / 'b.pt'} at step 4/6"]
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
@@ -250,7 +285,7 @@ def test_routing_report_shapes_and_dense_row():
     torch.manual_seed(0)
     moe = Segmenter(ablation.row_config("full", MICRO))
     report = ablation.routing_report(moe, ablation.backbone_pass(moe, corpus.images, corpus.units, stats)[1], corpus)
-    assert set(report["nmi"]) == {*ablation.FACTORS, "class"}
+    assert set(report["nmi"]) == {*ablation.FACTORS, "class"} and set(report["chance"]) == set(ablation.FACTORS)
     assert all(len(v) == moe.cfg.depth and all(0 <= x <= 1 for x in v) for v in report["nmi"].values())
     share = report["share"]["representation"][0]
     assert sorted(share["values"]) == sorted(set(corpus.units))
@@ -258,33 +293,73 @@ def test_routing_report_shapes_and_dense_row():
     dense = Segmenter(ablation.row_config("dense", MICRO))
     experts = ablation.backbone_pass(dense, corpus.images, corpus.units, stats)[1]
     assert experts.shape == (0, len(corpus.images), 1 + 4 * 4) and ablation.routing_report(dense, experts, corpus) == {
-        "nmi": {}, "share": {}}
+        "nmi": {}, "chance": {}, "share": {}}
 
 
-def test_protocol_end_to_end_on_a_micro_corpus(tmp_path):
+@pytest.fixture(scope="module")
+def micro_data_root(tmp_path_factory):
+    """The corpus and suite of MICRO_DATA, prepared once for the end-to-end tests (prepare.py, ~10 s)."""
+    root = str(tmp_path_factory.mktemp("micro") / "data")
+    ablation.prepare_data(root, MICRO, lambda m: None)
+    return root
+
+
+ROWS_E2E = ("oracle", "dense", "moe_token_balance", "full", "physical")
+
+
+def test_protocol_end_to_end_on_a_micro_corpus(tmp_path, micro_data_root):
     out, lines = str(tmp_path / "abl"), []
-    report = ablation.run_ablation(out, MICRO, rows=("dense", "moe_token_balance", "full"), log=lines.append)
-    with open(os.path.join(out, "data", "corpus", "corpus.json")) as f:
+    report = ablation.run_ablation(out, MICRO, micro_data_root, rows=ROWS_E2E, log=lines.append)
+    with open(os.path.join(micro_data_root, "corpus", "corpus.json")) as f:
         corpus = json.load(f)
     assert corpus["complete"] and len(corpus["domains"]) == len(sim.corpus_domains())
-    for row in ("dense", "moe_token_balance", "full"):
-        for seed in (0, 1):
-            with open(os.path.join(out, "runs", row, f"seed{seed}", "result.json")) as f:
-                result = json.load(f)
+    for seed in (0, 1):
+        stage0 = ablation.read_json(os.path.join(out, "runs", "stage0", f"seed{seed}", "result.json"))
+        assert len(stage0["ffn_share"]) == 4 and 0 <= stage0["heldout_miou"] <= 100
+        for row in ROWS_E2E:
+            result = ablation.finished(out, row, seed)
             assert set(result["benchmarks"]) == {code for code, *_ in sim.BENCHMARKS}
             assert all(0 <= v <= 100 for v in result["benchmarks"].values())
             assert set(result["unit_stats"]) == {"db", "amplitude", "real", "imag"}
-    assert "| dense ViT, same active size |" in report and "| MoE, physics router + balance" in report
-    assert "full minus" in report and "| MoE, token-only router + balance |" in report
-    assert "Normalised mutual information" in report
-    assert any(line.startswith("[6/6] full seed 1:") and "min left" in line for line in lines)
+            assert result["model_args"]["layerscale_init"] == MICRO["layerscale_init"]
+    assert report.index("| oracle router") < report.index("| dense ViT, same active size |")  # the control first
+    assert "| oracle - moe_token_balance | positive control" in report and "t interval over seeds" in report
+    assert "| physical - moe_token_balance |" in report and "FFN branch's share" in report
+    assert "Held-out accuracy of a logistic regression" in report and "| stage 0 (dense" in report
+    assert "(0." in report.split("NMI between the chosen expert")[1]                  # chance levels in brackets
+    assert any(line.startswith("[10/10] physical seed 1:") and "min left" in line for line in lines)
     with open(os.path.join(out, "results.md")) as f:
         assert f.read() == report
     lines.clear()                                              # a rerun skips every finished run
-    assert ablation.run_ablation(out, MICRO, rows=("dense", "moe_token_balance", "full"), log=lines.append) == report
-    assert "0 runs to do, 6 finished earlier (skipped)" in lines
+    assert ablation.run_ablation(out, MICRO, micro_data_root, rows=ROWS_E2E, log=lines.append) == report
+    assert "0 runs to do, 10 finished earlier (skipped)" in lines
     with pytest.raises(ValueError, match="settings.json holds an ablation with other settings \\(cpt_steps\\)"):
-        ablation.run_ablation(out, dict(MICRO, cpt_steps=5), rows=("dense",), log=lines.append)
+        ablation.run_ablation(out, dict(MICRO, cpt_steps=5), micro_data_root, rows=("dense",), log=lines.append)
+
+
+def test_gpu_variant_dry_run_on_the_cpu(tmp_path, micro_data_root):
+    """The GPU variant's every stage (small preset, bf16 autocast) for 2 steps on micro data, on the CPU."""
+    settings = ablation.dry_run_settings("gpu")
+    assert settings["preset"] == "small" and settings["amp"] and settings["tile"] == MICRO["tile"]
+    report = ablation.run_ablation(str(tmp_path / "gpu"), settings, micro_data_root, rows=("oracle", "physical"),
+                                   log=lambda m: None)
+    result = ablation.finished(str(tmp_path / "gpu"), "physical", 0)
+    assert result["model_args"]["embed_dim"] == 384 and len(result["ffn_share"]) == 12
+    assert "| MoE, physics router (physical variant) + balance |" in report
+
+
+def test_separability_command_on_the_micro_corpus(micro_data_root, capsys):
+    assert ablation.main(["--separability", "--dry-run", "--data", micro_data_root]) == 0
+    table = capsys.readouterr().out
+    rows = [line.strip("| ").split(" | ") for line in table.splitlines()
+            if line.startswith("| ") and line.split(" | ")[0][2:] in ablation.FACTORS]
+    assert [r[0] for r in rows] == list(ablation.FACTORS)
+    assert all(0 <= float(v) <= 1 for r in rows for v in r[1:])
+
+
+def test_data_prepared_with_other_sizes_is_refused(micro_data_root):
+    with pytest.raises(ValueError, match=r"corpus.json was prepared with tile 32, .* needs tile 64"):
+        ablation.prepare_data(micro_data_root, ablation.VARIANTS["quick"], lambda m: None)
 
 
 def test_an_incomplete_corpus_is_refused(tmp_path):

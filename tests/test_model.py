@@ -21,7 +21,9 @@ from nanosar.model import (
     equivalent_number_of_looks,
     gating,
     local_roughness,
+    physical_descriptors,
     resize_pos_embed,
+    router_features,
     route,
     sar_descriptors,
     sar_magnitude,
@@ -46,6 +48,12 @@ from nanosar.dinov2 import adapt_patch_embed, upcycle_from_dinov2
         (dict(feature_layers=(0, 1, 2, 12)), "feature_layers"),
         (dict(channels=("VV", "VH")), "channels"),
         (dict(pixel_std=(0.0,)), "pixel_std"),
+        (dict(descriptor_dim=2), "descriptor_dim must be 0"),
+        (dict(descriptors="learned"), "descriptors must be"),
+        (dict(descriptors="given", descriptor_dim=0), "needs descriptor_dim >= 1"),
+        (dict(descriptor_mean=(0.0, 1.0)), "descriptor_mean and descriptor_std"),
+        (dict(descriptor_mean=(0.0,) * 3, descriptor_std=(1.0, 0.0, 1.0)), "descriptor_std must be positive"),
+        (dict(multilook=0), "multilook"),
     ],
 )
 def test_invalid_config_raises(overrides, message):
@@ -391,6 +399,111 @@ def test_sar_descriptors_batched_and_per_image():
     s = sar_descriptors(x, cfg)
     assert s.shape == (3, 3)
     torch.testing.assert_close(s[1:2], sar_descriptors(x[1:2], cfg))  # no leakage across the batch
+
+
+# -----------------------------------------------------------------------------
+# the "physical" descriptor variant: golden images
+
+
+def physical(x, unit="intensity", **overrides):
+    return physical_descriptors(x, SARConfig(descriptors="physical", input_unit=unit, **overrides))
+
+
+def gamma_speckle(looks, shape, seed):
+    torch.manual_seed(seed)
+    return torch.distributions.Gamma(torch.tensor(float(looks)), torch.tensor(float(looks))).sample(shape)
+
+
+@pytest.mark.parametrize("looks", [1, 2, 4.4])
+def test_physical_enl_of_a_homogeneous_area_is_the_number_of_looks(looks):
+    """L-look speckle over one homogeneous area: the local ENL of the linear intensity is L within 5 %,
+    whatever the sigma0 (scale-free), and the block means barely vary (coefficient of variation ~ 1 /
+    sqrt(L * 256) for 16 x 16 blocks)."""
+    intensity = 0.01 * gamma_speckle(looks, (2, 1, 256, 256), seed=int(10 * looks))   # sigma0 -20 dB
+    entropy, enl, variation = physical(intensity).unbind(dim=1)
+    torch.testing.assert_close(enl, torch.full((2,), float(looks)), rtol=0.05, atol=0)
+    torch.testing.assert_close(physical(1e3 * intensity)[:, 1], enl, rtol=1e-5, atol=0)
+    assert (variation < 2.0 / math.sqrt(looks * 256)).all()
+
+
+def test_physical_enl_of_one_slc_part_is_one_half():
+    """The real (or imaginary) part of a single-look complex image is Gaussian: its power x^2 has ENL 1/2,
+    the amplitude of the same pixels ENL 1: the descriptor tells the representations apart by physics."""
+    torch.manual_seed(1)
+    re, im = torch.randn(2, 1, 1, 256, 256) * math.sqrt(0.01 / 2)
+    assert physical(re, "real")[0, 1].item() == pytest.approx(0.5, rel=0.05)
+    assert physical(torch.sqrt(re**2 + im**2), "amplitude")[0, 1].item() == pytest.approx(1.0, rel=0.05)
+
+
+def test_physical_descriptors_of_a_constant_image_and_of_a_straight_edge():
+    constant = torch.full((1, 1, 64, 64), 0.3)
+    entropy, enl, variation = physical(constant)[0]
+    assert entropy.item() == 0.0 and enl.item() == pytest.approx(1e8) and variation.item() == 0.0
+    edge = torch.ones(1, 1, 128, 128)
+    edge[..., 64:] = 10.0                                       # one straight edge, +10 dB
+    assert physical(edge)[0, 0].item() < 0.1 * math.log(18)
+
+
+def test_physical_entropy_sees_structure_not_speckle():
+    """Isotropic speckle: orientations uniform (H_DE ~ ln 18) after multilooking too; a field of straight
+    parallel stripes under the same 1-look speckle: the multilooked log intensity shows their one
+    orientation, which the paper's definition on pixel-scale speckle misses."""
+    speckle = gamma_speckle(1, (1, 1, 128, 128), seed=2)
+    assert physical(speckle)[0, 0].item() > 0.97 * math.log(18)
+    stripes = 1 + 9 * ((torch.arange(128) // 16) % 2).float()   # vertical stripes 16 px wide, 10 dB apart
+    striped = speckle * stripes[None, None, None, :]
+    assert physical(striped)[0, 0].item() < 0.5 * math.log(18)
+    paper = sar_descriptors(striped, SARConfig(input_unit="intensity"))[0, 0].item()
+    assert paper > 0.9 * math.log(18)
+
+
+def test_physical_descriptors_are_the_same_in_every_detected_unit():
+    """All three are scale-free: dB, intensity, amplitude and DN views of one image give the same values."""
+    torch.manual_seed(3)
+    db = torch.randn(2, 1, 64, 64) * 4 - 12
+    views = {"db": db, "intensity": 10 ** (db / 10), "amplitude": 10 ** (db / 20), "dn": 316 * 10 ** (db / 20)}
+    expected = physical(views["intensity"])
+    for unit, x in views.items():
+        torch.testing.assert_close(physical(x, unit), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_physical_descriptors_skip_no_data_and_show_nan():
+    torch.manual_seed(4)
+    image = gamma_speckle(1, (2, 1, 64, 64), seed=4) * 0.05
+    bordered = image.clone()
+    bordered[..., :16] = 0.0                                    # no-data: whole blocks and windows
+    torch.testing.assert_close(physical(bordered), physical(image[..., 16:]), rtol=1e-5, atol=1e-6)
+    broken = image.clone()
+    broken[0, 0, 5, 7] = float("nan")
+    broken[1, 0, 40, 3] = float("inf")
+    assert physical(broken).isnan().all()
+
+
+def test_router_features_standardise_with_the_stored_statistics():
+    s = torch.tensor([[math.log(18) / 2, math.e, 1.0 - 1e-3]])  # H_DE = half of ln 18, ENL = e, R + 1e-3 = 1
+    cfg = SARConfig(descriptors="physical")
+    torch.testing.assert_close(router_features(s, cfg), torch.tensor([[0.5, 1.0, 0.0]]))
+    cfg = SARConfig(descriptors="physical", descriptor_mean=(0.5, 2.0, -1.0), descriptor_std=(0.25, 0.5, 2.0))
+    torch.testing.assert_close(router_features(s, cfg), torch.tensor([[0.0, -2.0, 0.5]]))
+
+
+def test_a_given_router_input_is_required_and_checked():
+    torch.manual_seed(0)
+    model = Segmenter(SARConfig.preset("tiny", descriptors="given", descriptor_dim=5)).eval()
+    x = torch.randn(2, 1, 64, 64)
+    with pytest.raises(ValueError, match="forward_prepared"):
+        model(x)
+    s_raw = sar_descriptors(x, model.cfg)
+    with pytest.raises(ValueError, match="router_input is for models"):
+        model.forward_prepared(x, s_raw)
+    with pytest.raises(ValueError, match=r"must be \(B, descriptor_dim\) = \(2, 5\)"):
+        model.forward_prepared(x, s_raw, torch.zeros(2, 3))
+    with torch.no_grad():
+        a = model.forward_prepared(x, s_raw, torch.zeros(2, 5)).logits
+        b = model.forward_prepared(x, s_raw * 7, torch.zeros(2, 5)).logits   # the descriptors are not read
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="router_input is for models"):
+        Segmenter(SARConfig.preset("tiny")).forward_prepared(x, s_raw, torch.zeros(2, 5))
 
 
 # -----------------------------------------------------------------------------
