@@ -169,7 +169,7 @@ def build_model(cfg, model_overrides, splits, resume_state, master):
     elif kind == "dinov2":
         if not os.path.isfile(path):
             fail(f"DINOv2 checkpoint {path} not found (download it once, then pass its local path)")
-        report = upcycle_from_dinov2(model, torch.load(path, map_location="cpu", weights_only=True))
+        report = or_fail(upcycle_from_dinov2, model, torch.load(path, map_location="cpu", weights_only=True))
         if master:
             print(report)
     return model

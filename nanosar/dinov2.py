@@ -70,17 +70,31 @@ def adapt_patch_embed(weight, in_chans, patch_size):
     return w
 
 
+# How DINOv2 interpolates the position grid of each kind of checkpoint (its hub constructors): the original
+# ones with interpolate_offset=0.1 and no antialiasing, the "with registers" ones with offset 0 and antialias.
+POS_EMBED_INTERPOLATION = {"original": dict(offset=0.1, antialias=False), "registers": dict(offset=0.0, antialias=True)}
+
+
 @torch.no_grad()
-def upcycle_from_dinov2(model, state_dict):
+def upcycle_from_dinov2(model, state_dict, allow_register_mismatch=False):
     """Fill model.backbone (a Segmenter's SARViT) from a DINOv2 state dict; every expert = a copy of the FFN.
 
     Attention, norms, LayerScale, tokens and positions are copied; the patch embedding is adapted to the SAR
-    channels and patch size; the position grid is interpolated to the model's grid. Returns an UpcycleReport
-    listing loaded, adapted, missing and unexpected keys; routers and the head stay freshly initialised.
+    channels and patch size; the position grid is interpolated to the model's grid as DINOv2 itself does for
+    that kind of checkpoint (POS_EMBED_INTERPOLATION). A checkpoint whose register tokens differ in number
+    from the model's is an error naming both, unless allow_register_mismatch (then the checkpoint's registers
+    are left unused, or the model's stay fresh, and the report says so). Returns an UpcycleReport listing
+    loaded, adapted, missing and unexpected keys; routers and the head stay freshly initialised.
     """
     vit = model.backbone if isinstance(model, Segmenter) else model
     cfg = vit.cfg
     src = _clean_dinov2_keys(state_dict)
+    registers = src["register_tokens"].shape[1] if "register_tokens" in src else 0
+    if registers != cfg.num_register_tokens and not allow_register_mismatch:
+        raise ValueError(f"the DINOv2 checkpoint has {registers} register tokens and the model "
+                         f"num_register_tokens={cfg.num_register_tokens}: set num_register_tokens={registers} (or "
+                         f"pass allow_register_mismatch=True to leave them out)")
+    kind = "registers" if registers else "original"
     used, report = set(), UpcycleReport()
     ours = dict(vit.named_parameters())
 
@@ -106,8 +120,8 @@ def upcycle_from_dinov2(model, state_dict):
             param.copy_(value.unsqueeze(0).expand_as(param))
             report.loaded.append(name)
             continue
-        if name not in src:
-            report.missing.append(name)
+        if name not in src or (name == "register_tokens" and registers != cfg.num_register_tokens):
+            report.missing.append(name)                       # (a register mismatch the caller allowed)
             continue
         value = take(name)
         if name == "patch_embed.proj.weight" and value.shape != param.shape:
@@ -115,8 +129,10 @@ def upcycle_from_dinov2(model, state_dict):
             report.adapted.append(f"{name}: {tuple(src[name].shape)} -> {tuple(value.shape)} (RGB sum / C, resize)")
         elif name == "pos_embed" and value.shape != param.shape:
             g = int(math.sqrt(param.shape[1] - 1))
-            value = resize_pos_embed(value, g, g)
-            report.adapted.append(f"{name}: {tuple(src[name].shape)} -> {tuple(value.shape)} (bicubic)")
+            value = resize_pos_embed(value, g, g, **POS_EMBED_INTERPOLATION[kind])
+            how = ", ".join(f"{k}={v}" for k, v in POS_EMBED_INTERPOLATION[kind].items())
+            report.adapted.append(f"{name}: {tuple(src[name].shape)} -> {tuple(value.shape)} (bicubic as DINOv2 "
+                                  f"{kind}: {how})")
         if value.shape != param.shape:
             raise ValueError(f"DINOv2 key {name}: checkpoint shape {tuple(value.shape)} != model {tuple(param.shape)}; "
                              f"is the preset (embed_dim={cfg.embed_dim}, depth={cfg.depth}) the checkpoint's size?")

@@ -616,13 +616,23 @@ class Block(nn.Module):
         return x + drop_path(self.ls2(y), self.drop_path_rate, self.training), routing
 
 
-def resize_pos_embed(pos_embed, h, w):
-    """(1, 1 + g*g, D) position embedding -> (1, 1 + h*w, D): cls position kept, bicubic on the patch grid."""
+def resize_pos_embed(pos_embed, h, w, offset=0.0, antialias=False):
+    """(1, 1 + g*g, D) position embedding -> (1, 1 + h*w, D): the cls position kept, the g x g grid resized
+    bicubically, the way facebookresearch/dinov2 interpolates (interpolate_pos_encoding). offset > 0: by the
+    scale factors ((h + offset) / g, (w + offset) / g), which sets where the output samples the grid (its
+    original checkpoints: offset 0.1); offset 0: to the size (h, w) (its register checkpoints, antialias
+    True). The native grid returns pos_embed itself. nanosar's own models use offset 0, no antialias."""
     g = int(math.sqrt(pos_embed.shape[1] - 1))
     if (h, w) == (g, g):
         return pos_embed
-    grid = pos_embed[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)                # (1, D, g, g)
-    grid = F.interpolate(grid.float(), size=(h, w), mode="bicubic", align_corners=False)
+    grid = pos_embed[:, 1:].reshape(1, g, g, -1).permute(0, 3, 1, 2).float()         # (1, D, g, g)
+    if offset:
+        grid = F.interpolate(grid, scale_factor=((h + offset) / g, (w + offset) / g), mode="bicubic",
+                             antialias=antialias)
+    else:
+        grid = F.interpolate(grid, size=(h, w), mode="bicubic", antialias=antialias)  # align_corners False
+    if grid.shape[-2:] != (h, w):
+        raise ValueError(f"resizing a {g}x{g} position grid to {h}x{w} with offset {offset} gave {tuple(grid.shape[-2:])}")
     return torch.cat([pos_embed[:, :1], grid.flatten(2).transpose(1, 2).to(pos_embed.dtype)], dim=1)
 
 

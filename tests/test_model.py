@@ -4,6 +4,7 @@ import math
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from nanosar.model import (
     sar_magnitude,
     switch_balance_loss,
 )
-from nanosar.dinov2 import adapt_patch_embed, upcycle_from_dinov2
+from nanosar.dinov2 import POS_EMBED_INTERPOLATION, adapt_patch_embed, upcycle_from_dinov2
 
 # -----------------------------------------------------------------------------
 # config and presets
@@ -628,8 +629,78 @@ def test_adapt_patch_embed_resize_keeps_the_response_to_a_constant_input():
 
 def test_resize_pos_embed_identity_and_shape():
     pos = torch.randn(1, 1 + 16, 8)
-    assert resize_pos_embed(pos, 4, 4) is pos
-    assert resize_pos_embed(pos, 6, 3).shape == (1, 1 + 18, 8)
+    for kind in POS_EMBED_INTERPOLATION.values():
+        assert resize_pos_embed(pos, 4, 4, **kind) is pos                       # the native grid
+        assert resize_pos_embed(pos, 6, 3, **kind).shape == (1, 1 + 18, 8)
+
+
+def keys_cubic(x, a):
+    """The cubic convolution kernel of Keys (1981) with parameter a."""
+    x = np.abs(x)
+    return np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1, np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+
+
+def bicubic_matrix(n_in, n_out, scale, antialias):
+    """(n_out, n_in) weights of a 1-D bicubic resize whose output pixel i samples the input at (i + 0.5) / scale
+    - 0.5: without antialiasing Keys' kernel with a = -0.75 and edge pixels repeated; with antialiasing the
+    kernel (a = -0.5) stretched by 1 / scale when shrinking, over the input pixels in reach, normalised."""
+    W = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        if not antialias:
+            src = (i + 0.5) / scale - 0.5
+            base = math.floor(src)
+            for k in range(-1, 3):
+                W[i, min(max(base + k, 0), n_in - 1)] += keys_cubic(np.array(src - base - k), -0.75)
+            continue
+        centre, reach = (i + 0.5) / scale, 2.0 * max(1.0, 1.0 / scale)
+        j = np.arange(max(int(centre - reach + 0.5), 0), min(int(centre + reach + 0.5), n_in))
+        w = keys_cubic((j - centre + 0.5) * min(1.0, scale), -0.5)
+        W[i, j] = w / w.sum()
+    return W
+
+
+@pytest.mark.parametrize("kind", ["original", "registers"])
+@pytest.mark.parametrize("size", [32, 16, 46, 4])               # 512 px / 16, 256 / 16, 644 / 14, 56 / 14
+def test_resize_pos_embed_is_dinov2s_interpolation(kind, size):
+    """Off the native 37 x 37 grid, the resized position field equals DINOv2's formula computed independently
+    (a separable resampling matrix: scale (size + 0.1) / 37 for the original checkpoints, size / 37 with
+    antialiasing for the register ones) on a smooth field; and the two kinds differ, so the choice matters."""
+    g = 37
+    yy, xx = np.meshgrid(np.arange(g), np.arange(g), indexing="ij")
+    field = np.stack([np.sin(yy / 5.0) + np.cos(xx / 7.0), yy * xx / 400.0, np.cos((yy + 2 * xx) / 9.0)])
+    pos = torch.cat([torch.ones(1, 1, 3, dtype=torch.float64),
+                     torch.tensor(field).flatten(1).t()[None]], dim=1)            # (1, 1 + g*g, 3): cls, grid
+    how = POS_EMBED_INTERPOLATION[kind]
+    out = resize_pos_embed(pos, size, size, **how)
+    W = bicubic_matrix(g, size, (size + how["offset"]) / g, how["antialias"])
+    expected = np.einsum("ij,djk,lk->ild", W, field, W).reshape(-1, 3)              # (size*size, 3)
+    np.testing.assert_allclose(out[0, 1:].numpy(), expected, rtol=1e-6, atol=1e-6)   # DINOv2 works in float32
+    assert torch.equal(out[0, 0], pos[0, 0])                                        # the cls position is kept
+    other = resize_pos_embed(pos, size, size, **POS_EMBED_INTERPOLATION[{"original": "registers",
+                                                                       "registers": "original"}[kind]])
+    assert (other - out).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("registers, model_registers", [(4, 0), (0, 4), (4, 2)])
+def test_a_checkpoint_with_another_register_count_is_refused_unless_asked(registers, model_registers):
+    sd = fake_dinov2_state_dict(registers=registers)
+    model = Segmenter(tiny_dinov2_config(num_register_tokens=model_registers))
+    with pytest.raises(ValueError, match=f"has {registers} register tokens and the model "
+                                         f"num_register_tokens={model_registers}"):
+        upcycle_from_dinov2(model, sd)
+    report = upcycle_from_dinov2(model, sd, allow_register_mismatch=True)
+    assert ("register_tokens" in report.unexpected) == bool(registers)       # the checkpoint's: unused
+    assert ("register_tokens" in report.missing) == bool(model_registers)     # the model's: left fresh
+
+
+def test_upcycling_interpolates_positions_as_dinov2_for_each_kind():
+    for registers, kind in ((0, "original"), (4, "registers")):
+        sd = fake_dinov2_state_dict(registers=registers)
+        model = Segmenter(tiny_dinov2_config(num_register_tokens=registers))
+        report = upcycle_from_dinov2(model, sd)
+        assert any(a.startswith("pos_embed") and f"DINOv2 {kind}" in a for a in report.adapted)
+        torch.testing.assert_close(model.backbone.pos_embed,
+                                   resize_pos_embed(sd["pos_embed"], 4, 4, **POS_EMBED_INTERPOLATION[kind]))
 
 
 # -----------------------------------------------------------------------------

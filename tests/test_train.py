@@ -102,6 +102,19 @@ def test_dg_phase_freezes_the_backbone_and_trains_the_head(domain, tmp_path):
     assert "source val mIoU" in result.stdout
 
 
+def test_dg_phase_keeps_the_router_inputs_of_its_backbone(domain, tmp_path):
+    """A backbone trained with the physical descriptors (standardised with given statistics) keeps them in the
+    DG phase: its router learned those inputs, so init=ckpt brings descriptors, their statistics and windows."""
+    ok(train(f"--data={domain}", f"--out_dir={tmp_path / 'cpt'}", "--max_iters=2", "--batch_size=2",
+             "--descriptors=physical", "--multilook=2", "--descriptor_mean=[0.9, 0.5, -1.0]",
+             "--descriptor_std=[0.1, 0.5, 1.0]", *COMMON))
+    ok(train(f"--data={domain}", f"--out_dir={tmp_path / 'dg'}", "--phase=dg",
+             f"--init=ckpt:{tmp_path / 'cpt' / 'ckpt.pt'}", "--max_iters=2", "--batch_size=2", *COMMON))
+    args = weights(tmp_path / "dg")["model_args"]
+    assert (args["descriptors"], args["multilook"]) == ("physical", 2)
+    assert tuple(args["descriptor_mean"]) == (0.9, 0.5, -1.0) and tuple(args["descriptor_std"]) == (0.1, 0.5, 1.0)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--learning_rat=0.1"], "unknown config key 'learning_rat'"),
     (["--max_iters=ten"], "max_iters must be a int, got 'ten'"),
