@@ -208,7 +208,8 @@ def main(argv=None):
     parser.add_argument("--root", help="the dataset's folder as downloaded (not for synthetic)")
     parser.add_argument("--split", default="train",
                         help="real datasets: the output split's name; whu_opt_sar train/test, ddhr_sk train/val/test "
-                             "and sen1floods11 train/val/test pick the official list")
+                             "and sen1floods11 train/val/test take the official list, which these datasets need for "
+                             "any other name (or --split-list); --split all takes every image")
     parser.add_argument("--split-list", help="real datasets: a text file naming the images of the split, one a line "
                                              "(overrides the official list)")
     parser.add_argument("--tile", type=int, default=None,

@@ -28,6 +28,7 @@ about a layout fails loudly. Folder and file names are matched case-insensitivel
 (__MACOSX/, ._*) is skipped.
 """
 
+import hashlib
 import inspect
 import os
 import re
@@ -71,18 +72,28 @@ class Source:
 # What every converter shares
 
 
-def convert(source, root, out, split, tile, overlap, taxonomy, pairs, load, split_list=None, report=None, **meta):
+def convert(source, root, out, split, tile, overlap, taxonomy, pairs, load, split_list=None, report=None,
+            official=None, **meta):
     """Convert one dataset into out/<split>; returns the split's path.
 
     pairs(root) -> [(image path, label path)]: the dataset's files, found under the checked, absolute root.
     load(image path, label path, mapping) -> (image (C, H, W) float32 in source.unit, label (H, W) class ids
     after `mapping`, GeoTIFF tags, invalid (H, W) bool or None: pixels the loader found to be no-data).
     split_list: a text file naming the images of the split (first field of each line, its stem; a list
-    with "train:" / "test:" sections is read at section `split`); None = every image. report: a dict the
+    with "train:" / "test:" sections is read at section `split`); None = every image. official: where the
+    dataset's official split lists are, for datasets that have them: then a split other than "all" without
+    its list is an error (it would silently hold every image, the other splits' too). report: a dict the
     loader may fill, stored as meta.json "report". meta: meta.json fields added to or overriding source's.
+    meta.json "split_source" records what made the split: the list's file name and sha256, or every image.
     """
     if taxonomy not in TAXONOMIES:
         raise ValueError(f"taxonomy must be one of {TAXONOMIES}, got {taxonomy!r}")
+    if split == "all" and split_list is not None:
+        raise ValueError(f"--split all takes every image, but a split list was given ({split_list}): name the "
+                         f"split the list is for")
+    if split != "all" and split_list is None and official is not None:
+        raise FileNotFoundError(f"split {split!r} of {source.dataset} needs its list of images: {official}; give "
+                                f"one with --split-list FILE, or take every image with --split all")
     if tile <= 0 or not 0 <= overlap < tile:
         raise ValueError(f"need tile > 0 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
     root = os.path.abspath(root)
@@ -100,7 +111,7 @@ def convert(source, root, out, split, tile, overlap, taxonomy, pairs, load, spli
     mapping, names = (source.to_7, CLASSES_7) if taxonomy == "7class" else (source.native, source.names)
     converter = inspect.currentframe().f_back.f_code.co_name                # the calling convert_<name>
     facts = {k: v for k, v in asdict(source).items() if k not in ("names", "to_7", "native", "check_values")}
-    meta = {**facts, "class_names": list(names), "split_list": split_list,
+    meta = {**facts, "class_names": list(names), "split_list": split_list, "split_source": split_source(split_list),
             "provenance": {"root": root, "converter": converter, "taxonomy": taxonomy,
                            "label_remap": {str(k): int(v) for k, v in mapping.items()}},
             **({"dn_scale": None} if source.unit == "dn" else {}), **meta}
@@ -236,6 +247,14 @@ def fill_invalid(image, invalid):
     return image
 
 
+def split_source(split_list):
+    """meta.json "split_source": the file name and sha256 of the list that made a split, or every image."""
+    if split_list is None:
+        return {"list": None, "images": "every image under the dataset folder"}
+    with open(split_list, "rb") as f:
+        return {"list": os.path.basename(split_list), "sha256": hashlib.sha256(f.read()).hexdigest()}
+
+
 def read_list(path, section=None):
     """Lower-case stems of the files a split list names: first field (comma- or space-separated) of each
     line. A list with "<name>:" section lines (WHU-OPT-SAR's division) gives only section `section`."""
@@ -327,7 +346,8 @@ def convert_whu_opt_sar(root, out, split="train", tile=512, overlap=64, taxonomy
       <root>/lbl/<sheet>.tif   1-band uint8 in steps of 10: 0 background, 10 farmland, 20 city, 30 village,
                                40 water, 50 forest, 60 road, 70 others   (label/ or labels/ accepted too)
     --split train / test: the official 80 / 20 division (AmberHen/WHU-OPT-SAR-dataset "The division of the
-    dataset.txt", shipped as nanosar/splits/whu_opt_sar_division.txt); any other split name: all sheets.
+    dataset.txt", shipped as nanosar/splits/whu_opt_sar_division.txt); --split all: every sheet; any other
+    name needs --split-list.
     Source: class values from AmberHen/WHU-OPT-SAR-dataset. UNVERIFIED: the folder names sar/ and lbl/
     (community loaders; the download is a Baidu / Google Drive archive) and the SAR's bit depth.
     optical/ is not used. Output: unit dn (dn_scale null), channel SAR (or band1..bandC); 0 = no-data."""
@@ -337,28 +357,36 @@ def convert_whu_opt_sar(root, out, split="train", tile=512, overlap=64, taxonomy
                 for p in find(root, "sar/*", TIFF_EXTS)]
     if split_list is None and split in ("train", "test"):
         split_list = WHU_DIVISION
-    return convert(WHU, root, out, split, tile, overlap, taxonomy, pairs, load_single_band_file, split_list)
+    return convert(WHU, root, out, split, tile, overlap, taxonomy, pairs, load_single_band_file, split_list,
+                   official=f"the official division has train and test ({WHU_DIVISION})")
 
 
 # -----------------------------------------------------------------------------
 # FUSAR-Map
 
+# The authors' colours. Red, green, blue, yellow: the legend of their label generation code (fudanxu/FUSAR-Map
+# "FUSAR-Map generation/三、图像标签化/test_vegetation.m": building [255,0,0], veg [0,255,0], water [0,0,255],
+# road [255,255,0]); black is what none of the four covers, which their training code names bare land
+# (Model/FUSAR-Map/Unet_whole.py, one_hot_lab: bare_land = [0,0,0], merged into vegetation for its 4-class
+# models). nanosar keeps it as its own class, bare land, as the authors name it.
 FUSAR_PALETTE = {(0, 0, 0): 0, (255, 0, 0): 1, (0, 255, 0): 2, (0, 0, 255): 3, (255, 255, 0): 4}
 FUSAR = Source(
     "FUSAR-Map", "GF-3", "C", C_BAND, "dn", "8-bit display stretch, not calibrated", 1.02,
-    names=("others", "building", "vegetation", "water", "road"),
-    # vegetation -> forest (?): FUSAR-Map does not separate trees from crops; others (black, which the
-    # authors' training code calls bare land) -> other.
-    to_7={0: 0, 1: 1, 2: 5, 3: 3, 4: 2}, native={i: i for i in range(5)})
+    names=("bare_land", "building", "vegetation", "water", "road"),
+    # vegetation -> forest (?): FUSAR-Map does not separate trees from crops.
+    to_7={0: 4, 1: 1, 2: 5, 3: 3, 4: 2}, native={i: i for i in range(5)})
 
 
 def convert_fusar_map(root, out, split="train", tile=512, overlap=64, taxonomy="7class", split_list=None):
     """FUSAR-Map (GF-3 single-pol, geocoded at about 1.02 m, 1024x1024 tiles; Google Drive zip):
       <root>/SAR_1024/<name>_SAR_<n>.tif     8-bit SAR, display-stretched (sar_1024/ too)
-      <root>/LAB_1024/<name>_Label_<n>.tif   RGB colours: black others, red building, green vegetation,
+      <root>/LAB_1024/<name>_Label_<n>.tif   RGB colours: black bare land, red building, green vegetation,
                                              blue water, yellow road; or 1-band ids 0..4 (lab_1024/ too)
       <root>/<split>.txt                     optional: the SAR file names of the split
-    Source: colours from the authors' training code (fudanxu/FUSAR-Map Model/FUSAR-Map/Unet_whole.py).
+    Source: the colours of the authors' label generation code (fudanxu/FUSAR-Map, "FUSAR-Map generation/"
+    test_vegetation.m: red building, green vegetation, blue water, yellow road) and of their training code
+    (Model/FUSAR-Map/Unet_whole.py, one_hot_lab), which names black, what none of the four covers, bare land:
+    7-class ids bare_land 4, building 1, vegetation -> forest 5 (?), water 3, road 2.
     UNVERIFIED: the label file naming (_SAR_ -> _Label_ or _LAB_, or the same name) and the split lists;
     which polarization the tiles hold. Output: unit dn (dn_scale null), channel SAR; 0 = no-data."""
     def pairs(root):
@@ -532,7 +560,7 @@ def convert_ddhr_sk(root, out, split="train", tile=256, overlap=0, taxonomy="7cl
       GF2/ (the optical images) is not used.
     --split train / val: the authors' lists trainM / valM (XD-MG/DDHRNet DDHRNet/DDHRNet_Code/DATA/, shipped
     as nanosar/splits/ddhr_sk_*.txt, matched by <id>: point --root at one subset); test = valM (the authors'
-    test list); any other name: all tiles. Source: layout and 5 classes + 255 from XD-MG/DDHRNet (lists,
+    test list); --split all: every tile; any other name needs --split-list. Source: layout and 5 classes + 255 from XD-MG/DDHRNet (lists,
     configs/ddhrnet.yaml, reader.py). UNVERIFIED: the class names and their order (from public mmseg
     configs). JPEG needs the optional Pillow (or imagecodecs); PNG is decoded here.
     Output: unit dn (dn_scale null), channel SAR; 0 = no-data."""
@@ -542,7 +570,8 @@ def convert_ddhr_sk(root, out, split="train", tile=256, overlap=0, taxonomy="7cl
                 for p in find(root, "**/gf3/*")]
     if split_list is None and split in DDHR_LISTS:
         split_list = os.path.join(SPLITS, DDHR_LISTS[split])
-    return convert(DDHR, root, out, split, tile, overlap, taxonomy, pairs, load_single_band_file, split_list)
+    return convert(DDHR, root, out, split, tile, overlap, taxonomy, pairs, load_single_band_file, split_list,
+                   official=f"the authors' lists are train, val and test ({SPLITS}/ddhr_sk_*.txt)")
 
 
 # -----------------------------------------------------------------------------
@@ -602,7 +631,8 @@ def convert_sen1floods11(root, out, split="train", tile=512, overlap=64, taxonom
       <root>/[v1.1/data/flood_events/]HandLabeled/LabelHand/<Country>_<chip>_LabelHand.tif
       <root>/[sample/]S1/<Country>_<chip>_S1Hand.tif, Labels/<..>_LabelHand.tif         the repository's sample
     S1: 2 bands float32 sigma0 in dB (VV, VH), NaNs occur. Labels: int16 -1 nodata, 0 not water, 1 water.
-      <root>/**/flood_handlabeled/flood_<split>_data.csv   the chips of the split (val = valid); all if absent
+      <root>/**/flood_handlabeled/flood_<split>_data.csv   the official chips of the split (val = valid);
+                                                           without it --split all (every chip) or --split-list
     Source: cloudtostreet/Sen1Floods11 (README, sample/). NaN pixels get label 255 and each band's minimum
     finite value. Output: unit db, channels VV, VH."""
     def pairs(root):
@@ -624,7 +654,9 @@ def convert_sen1floods11(root, out, split="train", tile=512, overlap=64, taxonom
         label = label_ids(read_image(label_path)[0], label_path)
         return image, remap_labels(np.where(label == -1, IGNORE, label), mapping, label_path), geo, None
 
-    return convert(SEN1FLOODS11, root, out, split, tile, overlap, taxonomy, pairs, load, split_list)
+    where = (f"the official flood_{'valid' if split == 'val' else split}_data.csv (v1.1/splits/flood_handlabeled/ "
+             f"of the release) under {root}")
+    return convert(SEN1FLOODS11, root, out, split, tile, overlap, taxonomy, pairs, load, split_list, official=where)
 
 
 def find_dirs(root, name):

@@ -4,6 +4,7 @@ of 40 px gives starts [0, 8], 48 -> [0, 16], 70 -> [0, 24, 38], 90 -> [0, 24, 48
 the edge); a scene below 32 px is padded."""
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -150,7 +151,17 @@ def test_whu_opt_sar_official_division_and_nodata(tmp_path):
     assert test.labels[0][0, :8].tolist() == [IGNORE, 0, 1, 2, 3, 4, 5, 6]
     assert test.class_names == list(convert.WHU.names) and test.path.endswith("test")
     everything = Split(convert.convert_whu_opt_sar(root, tmp_path / "all", "all", tile=T, overlap=OV))
-    assert len(everything) == 36 and everything.meta["split_list"] is None  # no official list: every sheet
+    assert len(everything) == 36 and everything.meta["split_list"] is None  # --split all: every sheet
+    with open(convert.WHU_DIVISION, "rb") as f:
+        assert split.meta["split_source"] == {"list": "whu_opt_sar_division.txt",
+                                              "sha256": hashlib.sha256(f.read()).hexdigest()}
+    assert everything.meta["split_source"]["list"] is None
+    with pytest.raises(FileNotFoundError, match=r"split 'val' of WHU-OPT-SAR needs its list of images: the official "
+                                                r"division has train and test .*--split-list FILE.*--split all"):
+        convert.convert_whu_opt_sar(root, tmp_path / "val", "val", tile=T, overlap=OV)
+    with pytest.raises(ValueError, match="--split all takes every image"):
+        convert.convert_whu_opt_sar(root, tmp_path / "x", "all", tile=T, overlap=OV, split_list=convert.WHU_DIVISION)
+    assert not (tmp_path / "val").exists() and not (tmp_path / "x").exists()
 
 
 
@@ -183,7 +194,11 @@ def test_fusar_map_folders_any_case_colour_labels_and_split_list(tmp_path, sar_d
     assert len(split) == 4  # only the listed scene
     check_meta(split, "FUSAR-Map", "dn", ["SAR"])
     assert split.meta["pixel_spacing_m"] == 1.02 and "display stretch" in split.meta["radiometry"]
-    assert split.labels[0][0, :5].tolist() == [0, 1, 5, 3, 2]  # others, building, vegetation->forest, water, road
+    assert split.labels[0][0, :5].tolist() == [4, 1, 5, 3, 2]  # bare land, building, vegetation->forest, water, road
+    assert split.meta["class_names"] == list(CLASSES_7)
+    native = Split(convert.convert_fusar_map(root, tmp_path / "native", tile=T, overlap=OV, taxonomy="native"))
+    assert native.class_names == ["bare_land", "building", "vegetation", "water", "road"]
+    assert native.labels[0][0, :5].tolist() == [0, 1, 2, 3, 4]
     assert float(split.images[0][0, 1, 1]) == 120.0
     both = Split(convert.convert_fusar_map(root, tmp_path / "out", "all", tile=T, overlap=OV))
     assert len(both) == 8
@@ -397,7 +412,12 @@ def test_sen1floods11_db_nan_and_split_csv(tmp_path):
     assert abs(img[1, 9, 9] - (-17.3)) < 0.01 and abs(img[0, 9, 9] - (-9.3)) < 0.01  # dB within float16 precision
     g = tiles(split.path)[find(tiles(split.path), "Bolivia_103757_S1Hand.tif", 38, 24)]["geo"]
     assert np.allclose(g["ModelTiepoint"][3:5], [-63.0 + 24 * 8.983e-5, -14.0 - 38 * 8.983e-5])
-    assert len(Split(convert.convert_sen1floods11(hand, tmp_path / "all", "train", tile=T, overlap=OV))) == 16
+    # the train list is missing: refused (it would hold the test chips too), not silently every chip
+    with pytest.raises(FileNotFoundError, match=r"split 'train' of Sen1Floods11 needs its list of images: the "
+                                                r"official flood_train_data.csv .*--split all"):
+        convert.convert_sen1floods11(root, tmp_path / "train", "train", tile=T, overlap=OV)
+    assert len(Split(convert.convert_sen1floods11(hand, tmp_path / "all", "all", tile=T, overlap=OV))) == 16
+    assert split.meta["split_source"]["list"] == "flood_test_data.csv" and len(split.meta["split_source"]["sha256"]) == 64
 
 
 def test_sen1floods11_repository_sample_layout(tmp_path):
@@ -408,7 +428,7 @@ def test_sen1floods11_repository_sample_layout(tmp_path):
     tif(sample / "Labels/Spain_7370579_LabelHand.tif", label)
     tif(sample / "QC/Spain_7370579_QC.tif", np.zeros((70, 90), np.uint8))
     tif(sample / "S2/Spain_7370579_S2Hand.tif", np.zeros((13, 70, 90), np.uint16))
-    split = Split(convert.convert_sen1floods11(tmp_path / "Sen1Floods11", tmp_path / "out", tile=T, overlap=OV))
+    split = Split(convert.convert_sen1floods11(tmp_path / "Sen1Floods11", tmp_path / "out", "all", tile=T, overlap=OV))
     assert len(split) == 12 and {os.path.basename(r["source"]) for r in tiles(split.path)} == {
         "Spain_7370579_S1Hand.tif"}
     assert split.labels[0][1, :3].tolist() == [IGNORE, 0, 3] and split.meta["split_list"] is None
@@ -420,7 +440,7 @@ def test_a_db_dataset_holding_linear_values_is_refused(tmp_path):
     tif(sample / "S1/Spain_7370579_S1Hand.tif", np.abs(image) * 20)  # values up to 500: not dB
     tif(sample / "Labels/Spain_7370579_LabelHand.tif", label)
     with pytest.raises(ValueError, match=r"Spain_7370579_S1Hand\.tif: values up to 500 declared as dB.*look like DN"):
-        convert.convert_sen1floods11(tmp_path / "s1f", tmp_path / "out", tile=T, overlap=OV)
+        convert.convert_sen1floods11(tmp_path / "s1f", tmp_path / "out", "all", tile=T, overlap=OV)
     check_clean(tmp_path, tmp_path / "out")
 
 
@@ -708,3 +728,20 @@ def test_malformed_geojson_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match=r"_Buildings_.*\.geojson: malformed GeoJSON features"):
         convert.convert_spacenet6(tmp_path / "sn6", tmp_path / "out", tile=T, overlap=OV)
     check_clean(tmp_path, tmp_path / "out")
+
+
+def test_prepare_refuses_a_split_without_its_list_and_takes_split_all(tmp_path):
+    root = tmp_path / "WHU"
+    for sheet in (WHU_TRAIN, "NH49E999999"):
+        tif(root / f"sar/{sheet}.tif", np.full((40, 48), 9, np.uint8))
+        tif(root / f"lbl/{sheet}.tif", np.full((40, 48), 40, np.uint8))
+    result = run_prepare("whu_opt_sar", "--root", root, "--out", tmp_path / "out", "--split", "val", "--tile", T,
+                         "--overlap", OV)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+    assert "split 'val' of WHU-OPT-SAR needs its list of images" in result.stderr and "--split all" in result.stderr
+    result = run_prepare("whu_opt_sar", "--root", root, "--out", tmp_path / "out", "--split", "all", "--tile", T,
+                         "--overlap", OV)
+    assert result.returncode == 0, result.stderr
+    split = Split(str(tmp_path / "out" / "all"))
+    assert {os.path.basename(r["source"]) for r in tiles(split.path)} == {f"{WHU_TRAIN}.tif", "NH49E999999.tif"}
+    assert split.meta["split_source"] == {"list": None, "images": "every image under the dataset folder"}
