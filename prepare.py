@@ -9,7 +9,8 @@ tiles.jsonl and meta.json.
     python prepare.py --help                                     # every dataset: layout, source, unit
 
 The synthetic suite writes <out>/<domain>/{train,test} for the 13 domains of its 22 sub-benchmarks and
-for the extra domains beside them (sim.EXTRA_DOMAINS: a dual-pol Sentinel-1 VV+VH domain), and
+for the extra domains beside them (sim.EXTRA_DOMAINS: dual-pol Sentinel-1 VV+VH domains, one of them the
+flood plain F-S1-VV+VH-db, 38 % of its pixels water), and
 <out>/suite.json listing the benchmarks (code, gap, source, target), the "domains" they use, the
 "extra_domains" and the settings, with "complete": true only once every domain is written. Rerunning
 an interrupted run resumes it: splits already written with the same settings are kept, the others

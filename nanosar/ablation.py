@@ -72,7 +72,7 @@ from nanosar.stats import (chance_nmi, format_mean_std, normalized_mutual_inform
 FACTORS = ("sensor", "band", "polarization", "representation", "region")   # what a domain gap can change
 # The oracle router's input: one-hot of each factor over these values, concatenated (22 numbers per tile).
 ORACLE_VALUES = {"sensor": tuple(sim.SENSORS), "band": ("L", "C", "X"), "polarization": ("HH", "HV", "VH", "VV"),
-                 "representation": sim.CORPUS_REPRESENTATIONS, "region": tuple(sim.REGIONS)}
+                 "representation": sim.CORPUS_REPRESENTATIONS, "region": sim.CORPUS_REGIONS}
 ORACLE_DIM = sum(len(values) for values in ORACLE_VALUES.values())
 
 

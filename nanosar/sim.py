@@ -4,14 +4,15 @@ A physics-based SAR simulator for the embedded default data: procedural land-cov
 generalization suite whose 22 sub-benchmarks mirror the paper's 8 gap types.
 
     labels, heights = make_scene("N", size=128, spacing_m=8.0, rng)        # (H, W) class ids, metres
-    image, info = form_image(labels, heights, SENSORS["G3"], "HH", "db", rng, region="N")            # (1, H, W)
-    image, info = form_image(labels, heights, SENSORS["S1"], ("VV", "VH"), "db", rng, region="N")    # (2, H, W)
+    image, info = form_image(labels, heights, SENSORS["G3"], "HH", "db", rng)                        # (1, H, W)
+    image, info = form_image(labels, heights, SENSORS["S1"], ("VV", "VH"), "db", rng)                # (2, H, W)
 
 Reading order: 1. sensor profiles; 2. backscatter tables; 3. scene generators; 4. image formation
-(sigma0 with incidence dependence, layover / shadow / double bounce, K-distributed texture, thermal
-noise, speckle with the product's looks, thermal noise removal, quantisation, representation);
-5. the suite; 6. the descriptor table (python -m nanosar.sim --descriptors).
-Numbers come from ../shared/reference/sar_physics.md (engineering defaults, not measurements).
+(sigma0 with incidence dependence, water from the wind, flooded vegetation, layover / shadow / double
+bounce, K-distributed texture, thermal noise, speckle with the product's looks, thermal noise removal,
+quantisation, representation); 5. the suite; 6. the tables (python -m nanosar.sim --descriptors, --sigma0).
+The backscatter numbers are engineering defaults inside the published ranges named at PUBLISHED_SIGMA0_DB
+(tested), not measurements.
 """
 
 import math
@@ -85,18 +86,86 @@ INCIDENCE_SLOPE_DB = (-0.15, -0.05, -0.5, -0.7, -0.27, -0.08, -0.15)  # specular
 TEXTURE_NU = (None, 2.0, None, None, None, 8.0, 20.0)  # Gamma texture order; None = homogeneous
 REFERENCE_INCIDENCE = 35.0
 DOUBLE_BOUNCE_DB = {"co": 10.0, "cross": 3.0}   # wall-ground corner reflector at the near-range wall
-WIND_WATER_DB = 5.0                              # wind-roughened sea (coastal region), co-polarized
+
+# Water and wind. Open water scatters by Bragg resonance on wind-driven capillary-gravity waves, so its
+# sigma0 is set by the wind, not by a constant (CMOD5, Hersbach et al. 2007, for C-band VV; Donelan &
+# Pierson 1987 for the onset). An engineering model in the spirit of CMOD, not CMOD itself:
+#   sigma0 (linear) = calm + onset(U) * Bragg(U),   onset(U) = 1 - exp(-(U / WIND_ONSET_M_S)^3)
+#   Bragg (dB) = WATER_VV_DB[band] + POL_OFFSET_DB[pol] + 10 WIND_EXPONENT[band] log10(U / REFERENCE_WIND)
+#                + slope (theta - 35)
+#   calm  (dB) = the Bragg level at the reference wind - CALM_BELOW_DB (no waves: specular, away from the radar)
+# with U the wind speed at 10 m (m/s) and slope the water row of INCIDENCE_SLOPE_DB (-0.7 dB/deg). Levels: C-band
+# VV -19 dB at 4 m/s and 35 deg, -13.5 dB at 7.5 m/s, -25 dB and below under 2 m/s (sar_physics.md section 2:
+# open water C VV -20 (-26...-12); Sentinel-1 flood thresholds -15...-20 dB VV, Twele et al. 2016; the
+# Sen1Floods11 flooded sample's median -17.6 VV). Polarization: HH 3 dB below VV over water (polarization
+# ratio, 2-5 dB at mid incidence), cross-pol 8 dB below VV (6-10 dB in S1 flood products). Band: L darker and
+# less wind-sensitive (exponent 1.5), X brighter (capillary waves).
+WATER_VV_DB = {"C": -19.0, "L": -22.0, "X": -17.0}     # Bragg level at REFERENCE_WIND and 35 deg, VV
+POL_OFFSET_DB = {"VV": 0.0, "HH": -3.0, "VH": -8.0, "HV": -8.0}
+WIND_EXPONENT = {"C": 2.0, "L": 1.5, "X": 2.2}          # sigma0 ~ U^exponent above the onset
+REFERENCE_WIND = 4.0                                    # m/s at 10 m: the default when no wind is given
+WIND_ONSET_M_S = 2.5                                    # capillary waves need about 2-3 m/s
+CALM_BELOW_DB = 8.0
+# The wind prior: per scene U ~ Weibull(shape 2, scale REGIONS[...]["wind_m_s"]) clipped to [0, MAX_WIND]; the
+# shape 2 (Rayleigh) fits surface winds over sea and land (Pavia & O'Brien 1986); scale 4 m/s inland (medians
+# near 3 m/s) and 7 m/s over the open sea. Within the scene the wind falls to zero near shores (wind shadow
+# of banks, trees and buildings over WIND_FETCH_M of water) and varies by +-40 % in patches (calm slicks).
+MAX_WIND = 12.0
+WIND_FETCH_M = 100.0
+# Flooded vegetation: standing water under a canopy or a crop adds a trunk-water (stalk-water) double bounce,
+# bright in co-pol (L-band HH +3...+8 dB over flooded forest, Hess et al. 1990; C-band +2...+4 dB, Townsend
+# 2002; flooded rice HH, Le Toan et al. 1997); cross-pol changes little. Labelled water (the flood extent);
+# make_scene marks it with the vegetation's height in `heights` (>= FOREST_HEIGHT_M: forest, else crop).
+FLOODED_VEGETATION_DB = {"L": {"co": 5.0, "cross": 1.0}, "C": {"co": 3.0, "cross": 0.5},
+                         "X": {"co": 1.5, "cross": 0.0}}
+FOREST_HEIGHT_M = 5.0
+
+
+def water_sigma0_db(band, pol, incidence_deg, wind_m_s):
+    """sigma0 (dB) of open water: band "L"/"C"/"X", pol "VV"..., incidence (deg) and wind speed at 10 m (m/s),
+    scalars or arrays of one shape. Rises with the wind, falls with the incidence (the model above)."""
+    wind = np.maximum(np.asarray(wind_m_s, dtype=np.float64), 1e-3)
+    level = WATER_VV_DB[band] + POL_OFFSET_DB[pol] + INCIDENCE_SLOPE_DB[WATER] * (incidence_deg - REFERENCE_INCIDENCE)
+    bragg = 10.0 ** ((level + 10.0 * WIND_EXPONENT[band] * np.log10(wind / REFERENCE_WIND)) / 10.0)
+    calm = 10.0 ** ((level - CALM_BELOW_DB) / 10.0)
+    onset = 1.0 - np.exp(-(wind / WIND_ONSET_M_S) ** 3)
+    return 10.0 * np.log10(calm + onset * bragg)
+
+
+for _band, _table in SIGMA0_DB.items():   # the water column: the wind model at the reference wind and 35 deg
+    for _pol in _table:
+        _row = list(_table[_pol])
+        _row[WATER] = float(water_sigma0_db(_band, _pol, REFERENCE_INCIDENCE, REFERENCE_WIND))
+        _table[_pol] = tuple(_row)
+del _band, _table, _pol, _row
+
+
+# Published ranges (dB, mid incidence 30-40 deg) the tables follow, per (band, polarization) and class: typical
+# spread of land-cover sigma0 after Ulaby & Dobson, Handbook of Radar Scattering Statistics for Terrain (1989),
+# Ulaby & Long, Microwave Radar and Radiometric Remote Sensing (2014) and the NASA SERVIR SAR Handbook (2019);
+# open water as above (CMOD5; S1 flood thresholds). Tested against the tables and against simulated S1 tiles.
+PUBLISHED_SIGMA0_DB = {
+    ("C", "VV"): {WATER: (-26, -12), BUILDING: (-8, 5), FOREST: (-9, -6), BARE: (-20, -8), CROP: (-16, -7),
+                  OTHER: (-14, -8), ROAD: (-22, -12)},
+    ("C", "VH"): {WATER: (-32, -22), BUILDING: (-17, -7), FOREST: (-15, -12), BARE: (-27, -18), CROP: (-22, -13),
+                  OTHER: (-21, -15)},
+    ("L", "HH"): {WATER: (-30, -18), BUILDING: (-5, 8), FOREST: (-9, -5), BARE: (-22, -10), CROP: (-16, -7)},
+    ("L", "HV"): {BUILDING: (-18, -6), FOREST: (-14, -11), BARE: (-30, -22), CROP: (-25, -15)},
+    ("X", "HH"): {WATER: (-25, -10), BUILDING: (-6, 8), BARE: (-18, -7), CROP: (-14, -6), ROAD: (-20, -11)},
+}
 
 
 def is_cross_pol(pol):
     return pol[0] != pol[1]
 
 
-def sigma0_db(band, pol, labels, incidence_deg):
-    """Mean backscatter (dB) per pixel: labels (H, W) class ids, incidence_deg scalar or (H, W)."""
+def sigma0_db(band, pol, labels, incidence_deg, wind_m_s=REFERENCE_WIND):
+    """Mean backscatter (dB) per pixel: labels (H, W) class ids, incidence_deg and wind_m_s (m/s at 10 m)
+    scalars or (H, W). Land classes from SIGMA0_DB with their incidence slope, water from water_sigma0_db."""
     table = np.asarray(SIGMA0_DB[band][pol], dtype=np.float64)
     slope = np.asarray(INCIDENCE_SLOPE_DB)
-    return table[labels] + slope[labels] * (incidence_deg - REFERENCE_INCIDENCE)
+    land = table[labels] + slope[labels] * (incidence_deg - REFERENCE_INCIDENCE)
+    return np.where(labels == WATER, water_sigma0_db(band, pol, incidence_deg, wind_m_s), land)
 
 
 # -----------------------------------------------------------------------------
@@ -118,6 +187,18 @@ def smooth_noise(shape, scale_px, rng):
     c, d = grid[y0 + 1][:, x0], grid[y0 + 1][:, x0 + 1]
     field = (a * (1 - fx) + b * fx) * (1 - fy) + (c * (1 - fx) + d * fx) * fy
     return np.argsort(np.argsort(field, axis=None)).reshape(shape) / field.size  # uniform ranks
+
+
+def box_mean(x, radius):
+    """Mean of x (H, W) over the (2 radius + 1)^2 window around each pixel (edges padded with the edge value),
+    by an integral image: O(H W) whatever the radius."""
+    r = int(radius)
+    padded = np.pad(np.asarray(x, dtype=np.float64), r + 1, mode="edge")
+    c = padded.cumsum(0).cumsum(1)
+    H, W = x.shape
+    k = 2 * r + 1
+    total = c[k:k + H, k:k + W] - c[:H, k:k + W] - c[k:k + H, :W] + c[:H, :W]
+    return total / (k * k)
 
 
 def rotated_coords(shape, angle_deg, spacing_m):
@@ -178,24 +259,31 @@ REGIONS = {
     "N": dict(description="north: dense urban blocks on a street grid, rectangular crop fields, one river",
               field_m=150, field_classes=(CROP, CROP, BARE, OTHER), forest=0.10, urban=0.45, block_m=110,
               street_m=12, building_m=(18, 40), fill=0.85, height_m=(12, 35), river_m=40, lakes=0.0, angle=(0, 10),
-              open=0.25, open_classes=(CROP, CROP, BARE, OTHER)),                 # large fields of the plain
+              wind_m_s=4.0, open=0.25, open_classes=(CROP, CROP, BARE, OTHER)),                 # large fields of the plain
     "S": dict(description="south: villages, paddy fields, ponds, forested hills",
               field_m=60, field_classes=(CROP, CROP, WATER, OTHER), forest=0.30, urban=0.12, block_m=70,
               street_m=6, building_m=(8, 15), fill=0.55, height_m=(4, 9), river_m=25, lakes=0.08, angle=(0, 90),
-              open=0.3, open_classes=(WATER, WATER, FOREST, CROP)),               # lakes, forested hills
+              wind_m_s=4.0, flooded=0.3, flood_m=30, open=0.3, open_classes=(WATER, WATER, FOREST, CROP)),               # lakes, forested hills
     "A": dict(description="arid: bare land, sparse settlements, long straight roads, dry riverbeds",
               field_m=250, field_classes=(BARE, BARE, BARE, CROP, OTHER), forest=0.02, urban=0.08, block_m=90,
               street_m=10, building_m=(10, 25), fill=0.35, height_m=(4, 10), river_m=0, lakes=0.0, angle=(0, 90),
-              straight_roads=3, open=0.4, open_classes=(BARE, BARE, BARE, OTHER)),  # desert plains
+              wind_m_s=4.0, straight_roads=3, open=0.4, open_classes=(BARE, BARE, BARE, OTHER)),  # desert plains
     "C": dict(description="coastal: wind-roughened sea, harbour and mixed urban, beach",
               field_m=120, field_classes=(OTHER, CROP, BARE), forest=0.08, urban=0.35, block_m=100,
               street_m=10, building_m=(15, 35), fill=0.7, height_m=(8, 25), river_m=0, lakes=0.0, angle=(0, 45),
-              sea=0.35, open=0.3, open_classes=(WATER,)),                         # the open sea
+              wind_m_s=7.0, sea=0.35, open=0.3, open_classes=(WATER,)),           # the open sea
+    "F": dict(description="flood plain: a river in flood, flooded fields, forest and crops under water, villages",
+              field_m=120, field_classes=(CROP, CROP, OTHER, BARE), forest=0.15, urban=0.10, block_m=80,
+              street_m=8, building_m=(10, 20), fill=0.6, height_m=(4, 10), river_m=120, lakes=0.08, angle=(0, 90),
+              wind_m_s=4.0, flooded=0.6, flood_m=60, open=0.3, open_classes=(WATER, CROP, OTHER)),
 }
+CORPUS_REGIONS = ("N", "S", "A", "C")   # the regions of the benchmarks and of the pre-training corpus; "F" only
+                                        # in the flood domain of EXTRA_DOMAINS
 
 
 def make_scene(region, size, spacing_m, rng):
-    """A land-cover scene. -> labels (size, size) uint8 in CLASSES_7 order, heights (size, size) metres."""
+    """A land-cover scene. -> labels (size, size) uint8 in CLASSES_7 order, heights (size, size) metres: of
+    buildings, and of the vegetation standing in flooded vegetation (labelled water); 0 elsewhere."""
     r = REGIONS[region]
     shape = (size, size)
     u, v = rotated_coords(shape, rng.uniform(*r["angle"]), spacing_m)
@@ -228,6 +316,14 @@ def make_scene(region, size, spacing_m, rng):
     buildings &= ~water
     labels[buildings] = BUILDING
     heights = np.where(buildings, rng.uniform(*r["height_m"], size=shape), 0.0)
+    # flooded vegetation, in a share of the scenes of regions with r["flooded"]: forest and crops within
+    # flood_m of water stand in water. Labelled water (the flood extent); heights keeps the vegetation's height.
+    if r.get("flooded") and rng.random() < r["flooded"] and water.any():
+        near_water = box_mean(water, scale(r["flood_m"])) > 0
+        for cls, height_m in ((FOREST, (10.0, 25.0)), (CROP, (0.5, 1.5))):
+            flooded = near_water & (labels == cls)
+            heights[flooded] = rng.uniform(*height_m)
+            labels[flooded] = WATER
     # a large homogeneous area in some tiles (a big field, a desert plain, a lake, the open sea) covering
     # half of the tile or more, all of it in half of these tiles: there speckle is the only variation and
     # the ENL reaches the product's looks, as in real scenes. Rivers and lakes stay over land areas.
@@ -240,6 +336,19 @@ def make_scene(region, size, spacing_m, rng):
         labels[area] = cls
         heights[area] = 0.0
     return labels, heights
+
+
+def wind_field(labels, region, spacing_m, rng):
+    """Wind speed at 10 m (m/s) per pixel (H, W) of a scene: one speed per scene from the region's Weibull prior
+    (shape 2, scale REGIONS[region]["wind_m_s"], clipped to MAX_WIND), zero at the shores rising over
+    WIND_FETCH_M of open water (wind shadow), times patches of 0.6-1.4 (calm slicks and gusts)."""
+    H, W = labels.shape
+    speed = min(REGIONS[region]["wind_m_s"] * rng.weibull(2.0), MAX_WIND)
+    fetch_px = max(WIND_FETCH_M / spacing_m, 1.0)
+    water_share = box_mean(labels == WATER, fetch_px)                     # 0.5 at a straight shore, 1 offshore
+    shelter = np.clip(2.0 * water_share - 1.0, 0.0, 1.0)
+    patches = 0.6 + 0.8 * smooth_noise((H, W), max(400.0 / spacing_m, 2.0), rng)
+    return speed * shelter * patches
 
 
 # -----------------------------------------------------------------------------
@@ -278,15 +387,19 @@ def building_geometry(labels, heights, incidence_deg, spacing_m):
     return near_wall, layover & ~building, shadow & ~building
 
 
-def mean_backscatter(labels, geometry, band, pol, incidence_deg, region=None):
+def mean_backscatter(labels, heights, geometry, band, pol, incidence_deg, wind_m_s=REFERENCE_WIND):
     """Mean linear intensity (H, W) of one polarization before texture: sigma0 per class at the incidence
-    angle, wind on the coastal sea, double bounce at the near walls, layover, shadow.
-    geometry: (near_wall, layover, shadow) masks from building_geometry."""
+    angle (water: at the wind, wind_m_s scalar or (H, W) m/s), flooded vegetation (water with heights > 0),
+    double bounce at the near walls, layover, shadow. geometry: (near_wall, layover, shadow) masks from
+    building_geometry."""
     near_wall, layover, shadow = geometry
-    s0_db = sigma0_db(band, pol, labels, incidence_deg)
+    s0_db = sigma0_db(band, pol, labels, incidence_deg, wind_m_s)
     cross = is_cross_pol(pol)
-    if region == "C" and not cross:
-        s0_db = np.where(labels == WATER, s0_db + WIND_WATER_DB, s0_db)
+    flooded = (labels == WATER) & (heights > 0)
+    if flooded.any():                                               # the vegetation's sigma0 + trunk-water bounce
+        vegetation = np.where(heights >= FOREST_HEIGHT_M, FOREST, CROP)
+        boost = FLOODED_VEGETATION_DB[band]["cross" if cross else "co"]
+        s0_db = np.where(flooded, sigma0_db(band, pol, vegetation, incidence_deg) + boost, s0_db)
     s0_db = s0_db + near_wall * DOUBLE_BOUNCE_DB["cross" if cross else "co"]
     mean = 10.0 ** (s0_db / 10.0)
     building_sigma = 10.0 ** (SIGMA0_DB[band][pol][BUILDING] / 10.0)
@@ -305,38 +418,20 @@ def gamma_texture(labels, rng):
     return texture
 
 
-NOISE_REMOVAL_FLOOR = 1e-5  # linear intensity (-50 dB, the dB floor) of pixels that noise removal makes <= 0
+NOISE_REMOVAL_WINDOW = 5      # pixels: the window over which the noise-to-signal ratio is estimated
+NOISE_REMOVAL_FLOOR = 0.05    # the least fraction of a pixel's intensity that noise removal keeps
 
 
-def remove_thermal_noise(intensity, nesz):
-    """Thermal noise removal of a detected product: intensity - nesz (the noise's expected power, linear),
-    floored at NOISE_REMOVAL_FLOOR, as ESA's Sentinel-1 denoising does (SNAP's ThermalNoiseRemoval sets
-    negative DN^2 - noise to a tiny floor value). It removes the noise's mean, not its fluctuation: over a
-    dark surface many pixels come out negative and are floored, which leaves a positive bias
-    (noise_removed_mean), and the ENL of a homogeneous area drops to L (sigma0 / (sigma0 + NESZ))^2."""
-    return np.maximum(intensity - nesz, NOISE_REMOVAL_FLOOR)
-
-
-def gamma_cdf(a, x):
-    """P(Gamma(a, 1) <= x), the regularized lower incomplete gamma function, by its power series."""
-    if x <= 0:
-        return 0.0
-    term = total = 1.0 / a
-    k = 1
-    while term > 1e-17 * total:
-        term *= x / (a + k)
-        total += term
-        k += 1
-    return total * math.exp(a * math.log(x) - x - math.lgamma(a))
-
-
-def noise_removed_mean(sigma0, nesz, looks, floor=NOISE_REMOVAL_FLOOR):
-    """Expected value of a noise-removed L-look pixel over a homogeneous area, linear units:
-    E[max(I - nesz, floor)] with I ~ Gamma(L, mean sigma0 + nesz). Above sigma0 by the clipped negative
-    part: +1 % for C-band water VV (-20 dB) but +32 % (+1.2 dB) for water VH (-27 dB) at NESZ -22 dB."""
-    mu, t = sigma0 + nesz, nesz + floor
-    x = looks * t / mu                                              # t in units of the Gamma's scale mu / L
-    return mu * (1 - gamma_cdf(looks + 1, x)) - nesz * (1 - gamma_cdf(looks, x)) + floor * gamma_cdf(looks, x)
+def remove_thermal_noise(intensity, nesz, window=NOISE_REMOVAL_WINDOW, floor=NOISE_REMOVAL_FLOOR):
+    """Thermal noise removal of a multilooked detected product (H, W linear intensity; nesz linear): each pixel
+    scaled by 1 - nesz / <I>, <I> its window x window mean (about 25 x the product's looks), floored at `floor`.
+    The noise's expected power leaves the mean (E[out] ~ sigma0) while each pixel keeps its speckle: a
+    homogeneous area keeps the spread of 10 log10 Gamma(L) (2.2 dB at 4.4 looks; 2.9 dB for VH water, below
+    the noise, where the window mean's own fluctuation adds) and almost no pixel reaches the floor, as in the noise-removed GRD products users see (Sentinel-1 VV water about -20 dB with a spread of a
+    few dB). Subtracting nesz from each single speckled sample instead (intensity - nesz, floored) would send a
+    quarter of dark water pixels (VH) to the floor and spread the rest over tens of dB."""
+    local = box_mean(intensity, window // 2)
+    return intensity * np.maximum(1.0 - nesz / np.maximum(local, 1e-30), floor)
 
 
 REPRESENTATIONS = {
@@ -377,16 +472,17 @@ def form_channel(mean, sensor, representation, rng):
     }[representation]()
 
 
-def form_image(labels, heights, sensor, pol, representation, rng, region=None, incidence_deg=None,
+def form_image(labels, heights, sensor, pol, representation, rng, wind_m_s=REFERENCE_WIND, incidence_deg=None,
                spacing_m=None):
     """Simulate one SAR tile. labels, heights: (H, W) from make_scene; pol: one polarization ("VV") or
     a tuple of them (("VV", "VH"): a multi-polarization product, channels in that order).
 
+    wind_m_s: wind speed at 10 m (m/s) over water, a scalar or (H, W) from wind_field.
     Returns image (C, H, W) float32 in the unit named by representation (see REPRESENTATIONS; C = the
     number of polarizations, or 2 for "complex") and a dict with the tile's incidence angle. The chain:
-    sigma0(class, band, pol, incidence) + double bounce and layover -> x Gamma(nu) texture -> + thermal
+    sigma0(class, band, pol, incidence, wind) + flooded vegetation, double bounce and layover -> x Gamma(nu) texture -> + thermal
     noise (NESZ) -> speckle: complex Gaussian (SLC) or Gamma with the product's looks -> noise removal
-    (noise-removed products: - NESZ, floored) -> quantisation (uint16 DN products) -> representation.
+    (noise-removed products: scaled by 1 - NESZ / local mean) -> quantisation (uint16 DN products) -> representation.
     The channels of a multi-polarization product share scene, incidence, geometry and texture, and have
     independent speckle: exact for a co- and a cross-polarized channel of a reflection-symmetric scene
     (<S_co S_cross*> = 0: VV+VH, HH+HV); a simplification for HH and VV of a quad product, which are
@@ -408,7 +504,7 @@ def form_image(labels, heights, sensor, pol, representation, rng, region=None, i
     if incidence_deg is None:
         incidence_deg = rng.uniform(*sensor.incidence_deg)
     geometry = building_geometry(labels, heights, incidence_deg, spacing)
-    means = [mean_backscatter(labels, geometry, sensor.band, p, incidence_deg, region) for p in pols]
+    means = [mean_backscatter(labels, heights, geometry, sensor.band, p, incidence_deg, wind_m_s) for p in pols]
     texture = gamma_texture(labels, rng)
     image = np.concatenate([form_channel(mean * texture, sensor, representation, rng) for mean in means])
     return image.astype(np.float32), {"incidence_deg": round(float(incidence_deg), 3)}
@@ -501,11 +597,13 @@ GAP_FACTORS = {
 }
 
 
-# Domains written beside the benchmarks' (prepare.py synthetic, suite.json "extra_domains"), in no benchmark.
-# N-S1-VV+VH-db: a dual-pol Sentinel-1 product (VV, VH in dB, as GRD IW 1SDV), so that a model trained on
-# the simulator reads a real dual-pol product directly; its scenes are those of N-S1-VV-db (same region
-# and pixel spacing), its VV channel the same physics with other speckle.
-EXTRA_DOMAINS = [D("N", "S1", ("VV", "VH"))]
+# Domains written beside the benchmarks' (prepare.py synthetic, suite.json "extra_domains"), in no benchmark:
+# dual-pol Sentinel-1 products (VV, VH in dB, as GRD IW 1SDV), so that a model trained on the simulator reads
+# a real dual-pol product directly. N-S1-VV+VH-db: the scenes of N-S1-VV-db (same region and pixel spacing),
+# its VV channel the same physics with other speckle. F-S1-VV+VH-db: the flood plain (region "F": a river in
+# flood, flooded fields, flooded forest and crops), for flood mapping; its class shares are in its meta.json
+# ("class_pixels") and the README (water 38 % of the pixels, a third of it flooded vegetation).
+EXTRA_DOMAINS = [D("N", "S1", ("VV", "VH")), D("F", "S1", ("VV", "VH"))]
 
 
 # The continued-pre-training corpus (prepare.py corpus): every sensor preset x each of its polarizations x
@@ -531,7 +629,7 @@ def corpus_domains():
         for spacing in spacings[code]:
             for pol in sensor.polarizations:
                 for representation in CORPUS_REPRESENTATIONS if slc else ("db", "amplitude"):
-                    domains += [D(region, code, pol, representation, spacing) for region in REGIONS]
+                    domains += [D(region, code, pol, representation, spacing) for region in CORPUS_REGIONS]
     return domains
 
 
@@ -568,9 +666,13 @@ def simulate_tile(domain, split, index, size, seed=0):
     spacing = domain.spacing_m or sensor.pixel_spacing_m
     scene_rng = np.random.default_rng(scene_seed(domain, split, index, seed))
     labels, heights = make_scene(domain.region, size, spacing, scene_rng)
+    wind = wind_field(labels, domain.region, spacing, scene_rng)      # part of the scene: shared across radars
     radar_rng = np.random.default_rng(stable_seed(seed, domain.name, split, index, "radar"))
     image, info = form_image(labels, heights, sensor, domain.pol, domain.representation, radar_rng,
-                             region=domain.region, spacing_m=spacing)
+                             wind_m_s=wind, spacing_m=spacing)
+    open_water = (labels == WATER) & (heights == 0)
+    if open_water.any():
+        info["water_wind_m_s"] = round(float(np.median(wind[open_water])), 2)   # median wind over open water
     return image, labels, info
 
 
@@ -578,7 +680,9 @@ def simulate_tile(domain, split, index, size, seed=0):
 # then regenerates splits of the older version instead of resuming with them.
 # 2: Sentinel-1 thermal noise removal; large homogeneous areas in some scenes; meta "noise_removed".
 # 3: every corpus tile its own scene (scene_seed); benchmark splits unchanged.
-GENERATOR_VERSION = 3
+# 4: water sigma0 from the wind (per-scene Weibull wind, shore shadow), flooded vegetation (regions S and F),
+#    noise removal on the multilooked mean; the flood-plain domain F-S1-VV+VH-db.
+GENERATOR_VERSION = 4
 
 
 def split_meta(domain, split, size, seed=0):
@@ -604,19 +708,15 @@ def write_domain(out_dir, domain, split, n_tiles, size, seed=0):
 
 def homogeneous_enl(sensor_code, size=256, seed=0, cls=OTHER, incidence_deg=REFERENCE_INCIDENCE):
     """ENL = mean^2 / var of the linear intensity of a size x size area of one untextured class seen by a
-    preset (first polarization), and the value physics expects: the product's looks, or for a
-    noise-removed product L (sigma0 / (sigma0 + NESZ))^2 (the subtraction keeps the noise's fluctuation)."""
+    preset (first polarization), and the value physics expects: the product's looks (noise removal scales
+    each pixel by its window's signal share, which keeps the looks)."""
     sensor = SENSORS[sensor_code]
     labels = np.full((size, size), cls, np.uint8)
     pol = sensor.polarizations[0]
     image, _ = form_image(labels, np.zeros(labels.shape), sensor, pol, "intensity", np.random.default_rng(seed),
                           incidence_deg=incidence_deg)
     intensity = image[0].astype(np.float64)
-    expected = sensor.looks
-    if sensor.noise_removed:
-        sigma0, nesz = 10 ** (sigma0_db(sensor.band, pol, cls, incidence_deg) / 10), 10 ** (sensor.nesz_db / 10)
-        expected = sensor.looks * (sigma0 / (sigma0 + nesz)) ** 2
-    return intensity.mean() ** 2 / intensity.var(), expected
+    return intensity.mean() ** 2 / intensity.var(), sensor.looks
 
 
 def domain_descriptors(domain, n_tiles=32, size=128, seed=0, roughness_block=16, split="test"):
@@ -641,7 +741,7 @@ def descriptor_table(n_tiles=32, size=128, seed=0, roughness_block=16):
              "|---|---|---|---|"]
     for code, sensor in SENSORS.items():
         enl, expected = homogeneous_enl(code)
-        note = " (noise-removed: L (s0 / (s0 + NESZ))^2)" if sensor.noise_removed else ""
+        note = " (noise-removed)" if sensor.noise_removed else ""
         lines.append(f"| {code} ({sensor.name}) | {sensor.looks:g} | {enl:.2f} | {expected:.2f}{note} |")
     caption = (f"Descriptors on X' = log(1 + |x|), {n_tiles} test tiles of {size}x{size} per domain, roughness "
                f"blocks of {roughness_block}: mean [5 %, 95 %]")
@@ -654,16 +754,54 @@ def descriptor_table(n_tiles=32, size=128, seed=0, roughness_block=16):
     return "\n".join(lines)
 
 
+def class_sigma0_table(n_tiles=16, size=128, seed=0, sensors=tuple(SENSORS)):
+    """Per sensor preset and polarization, the simulated sigma0 of each class as its products deliver it (dB
+    tiles, speckle, noise and, for S1, noise removal included): the class's mean intensity per tile, over
+    n_tiles tiles of each corpus region -> {(sensor, pol): {class id: (median, q25, q75) dB}} (split "sigma0",
+    scenes of their own)."""
+    table = {}
+    for code in sensors:
+        for pol in SENSORS[code].polarizations[:2] if code == "S1" else SENSORS[code].polarizations:
+            means = {cls: [] for cls in range(len(CLASSES_7))}
+            for region in CORPUS_REGIONS:
+                for i in range(n_tiles):
+                    image, labels, _ = simulate_tile(D(region, code, pol), "sigma0", i, size, seed)
+                    intensity = 10.0 ** (image[0].astype(np.float64) / 10.0)
+                    for cls in np.unique(labels):
+                        if (labels == cls).sum() >= 64:
+                            means[int(cls)].append(10.0 * np.log10(intensity[labels == cls].mean()))
+            table[code, pol] = {cls: tuple(np.percentile(v, [50, 25, 75])) for cls, v in means.items() if v}
+    return table
+
+
+def format_class_sigma0_table(table):
+    """class_sigma0_table as markdown: median [q25, q75] dB per class, and the published range where known."""
+    lines = [f"| sensor | pol | {' | '.join(CLASSES_7)} |", "|---|---|" + "---|" * len(CLASSES_7)]
+    for (code, pol), row in table.items():
+        cells = [f"{row[c][0]:.1f} [{row[c][1]:.1f}, {row[c][2]:.1f}]" if c in row else "-" for c in range(len(CLASSES_7))]
+        lines.append(f"| {code} | {pol} | {' | '.join(cells)} |")
+    for (band, pol), ranges in PUBLISHED_SIGMA0_DB.items():
+        cells = [f"{ranges[c][0]}...{ranges[c][1]}" if c in ranges else "-" for c in range(len(CLASSES_7))]
+        lines.append(f"| published, {band}-band | {pol} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="nanosar's SAR simulator")
     parser.add_argument("--descriptors", action="store_true",
                         help="print the descriptor table (ENL against looks per sensor, descriptor ranges per domain)")
+    parser.add_argument("--sigma0", action="store_true",
+                        help="print each class's simulated sigma0 (median [IQR] dB) per sensor and polarization, "
+                             "beside the published ranges")
     parser.add_argument("--tiles", type=int, default=32, help="tiles per domain")
     parser.add_argument("--size", type=int, default=128, help="tile size in pixels")
     parser.add_argument("--roughness-block", type=int, default=16, help="roughness block (SARConfig default 16)")
     args = parser.parse_args()
-    if not args.descriptors:
-        parser.error("nothing to do: pass --descriptors")
-    print(descriptor_table(args.tiles, args.size, roughness_block=args.roughness_block))
+    if not (args.descriptors or args.sigma0):
+        parser.error("nothing to do: pass --descriptors or --sigma0")
+    if args.sigma0:
+        print(format_class_sigma0_table(class_sigma0_table(args.tiles // 2, args.size)))
+    if args.descriptors:
+        print(descriptor_table(args.tiles, args.size, roughness_block=args.roughness_block))

@@ -137,7 +137,7 @@ def test_corpus_spans_every_sensor_polarization_representation_and_region():
         for pol in sensor.polarizations:
             reps = {d.representation for d in domains if d.sensor == code and d.pol == pol}
             assert reps == ({"db", "amplitude", "real", "imag"} if sensor.looks == 1 else {"db", "amplitude"})
-            assert {d.region for d in domains if d.sensor == code and d.pol == pol} == set(sim.REGIONS)
+            assert {d.region for d in domains if d.sensor == code and d.pol == pol} == set(sim.CORPUS_REGIONS)
     spacings = {(d.sensor, d.spacing_m) for d in domains}
     assert all((d.sensor, d.spacing_m) in spacings for d in sim.suite_domains())   # incl. X1 resampled to 8 m
     assert all(isinstance(d.pol, str) for d in domains)                             # one channel per tile

@@ -762,8 +762,9 @@ def test_softmax_gates_break_the_upcycling_equivalence():
 
 @pytest.mark.parametrize("gate", ["renorm", "softmax", "straight_through"])
 def test_the_task_loss_trains_the_router_unless_gates_are_renormalised_top1(gate):
-    """Balance and z losses off: with renorm (k = 1) every gate is 1 and the segmentation loss gives the
-    router weight exactly zero gradient; softmax and straight_through gates pass it through."""
+    """Balance and z losses off: with renorm (k = 1) every gate is p / p = 1 and the segmentation loss gives
+    the router weight zero gradient (up to float32 rounding of p / p, ~1e-10 here); softmax and
+    straight_through gates pass it through (> 1e-4)."""
     torch.manual_seed(0)
     cfg = SARConfig.preset("tiny", gate=gate, balance_loss_weight=0.0, router_z_loss_weight=0.0, layerscale_init=1.0)
     model = Segmenter(cfg)
@@ -771,7 +772,7 @@ def test_the_task_loss_trains_the_router_unless_gates_are_renormalised_top1(gate
     loss = F.cross_entropy(out.logits, torch.randint(0, 7, (2, 64, 64))) + out.aux_loss
     router = model.backbone.blocks[1].mlp.router.linear.weight
     (grad,) = torch.autograd.grad(loss, router)
-    assert (grad.abs().sum() == 0) if gate == "renorm" else (grad.abs().sum() > 1e-4), grad.abs().sum()
+    assert (grad.abs().sum() < 1e-7) if gate == "renorm" else (grad.abs().sum() > 1e-4), grad.abs().sum()
 
 
 @pytest.mark.parametrize("gate", ["renorm", "softmax", "straight_through"])
