@@ -10,12 +10,12 @@ Domain-generalization evaluation: how well does a model trained on one SAR domai
 The suite mode writes a markdown table in the paper's layout (single-gap and multi-gap sections, one
 column per sub-benchmark, averages, the paper's numbers where it reports them), the per-domain expert
 routing, and the same as JSON. Under torchrun each process evaluates every world-th tile and the int64
-confusion matrices are summed.
+confusion matrices are summed. The predict mode also writes mask.png (a quicklook with a legend) and,
+with --routing, the top-1 expert per patch of every MoE block (mask.routing.tif, mask.routing.png).
 """
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -26,13 +26,16 @@ import torch
 
 from nanosar import suites
 from nanosar.checkpoint import load_checkpoint
-from nanosar.data import IGNORE, Split, load_batch, tile_positions
+from nanosar.data import IGNORE, Split, load_batch
 from nanosar.distributed import close_distributed, init_distributed
 from nanosar.files import check_output_path, release_freed_memory, write_atomic, write_text_atomic
 from nanosar.geotiff import TiffWindows, write_tiled_geotiff
 from nanosar.metrics import evaluate
 from nanosar.model import SARConfig, Segmenter
-from nanosar.units import MAGNITUDE_UNITS, UNITS, check_plausible, nodata_mask
+from nanosar.quicklook import class_quicklook, routing_mosaic, write_png
+from nanosar.scene import (RoutingMaps, check_scene_values, scene_pixels, sliding_logits_of_tile,
+                           sliding_window_logits, tile_routing_maps)
+from nanosar.units import UNITS
 
 # -----------------------------------------------------------------------------
 # models and their input contract
@@ -76,74 +79,7 @@ def check_contract(cfg, meta, allowed, where):
 
 
 # -----------------------------------------------------------------------------
-# inference: whole image, or sliding windows with blended overlaps
-
-
-def blend_weights(window, blend):
-    """(window, window) weights of one window's logits: "constant" (1) or "cosine" (a Hann window that
-    never reaches 0, so every pixel keeps some weight)."""
-    if blend == "constant":
-        return torch.ones(window, window)
-    ramp = torch.sin(math.pi * (torch.arange(window) + 0.5) / window) ** 2
-    return ramp[:, None] * ramp[None, :]
-
-
-def sliding_window_logits(forward, read, shape, region, window, stride, blend="cosine", batch=8, device="cpu"):
-    """Blended logits (K, h, w) of `region` = (y0, y1, x0, x1) of an image of `shape` = (H, W).
-
-    Windows lie on one grid over the whole image (window x window, step `stride`, the last aligned to the
-    edge), so computing the image region by region gives the same numbers as computing it at once.
-    read(y0, y1, x0, x1) -> (C, h, w) float tensor; forward((B, C, window, window)) -> (B, K, window, window).
-    Images smaller than a window are mirrored into it (pad_to_window), so the model sees SAR-like texture
-    rather than a flat border; the padding gets no weight in the output.
-    """
-    H, W = shape
-    y0, y1, x0, x1 = region
-    if not 0 < stride <= window:
-        raise ValueError(f"need 0 < stride <= window, got stride {stride}, window {window}")
-    weight = blend_weights(window, blend).to(device)
-    ys = [y for y in tile_positions(H, window, window - stride) if y < y1 and y + window > y0]
-    xs = [x for x in tile_positions(W, window, window - stride) if x < x1 and x + window > x0]
-    starts = [(y, x) for y in ys for x in xs]
-    logits = total = None
-    for b in range(0, len(starts), batch):
-        chunk = starts[b:b + batch]
-        tiles = torch.zeros(len(chunk), *read(0, 1, 0, 1).shape[:1], window, window)
-        for i, (y, x) in enumerate(chunk):
-            tiles[i] = pad_to_window(read(y, y + window, x, x + window), window)
-        out = forward(tiles.to(device)).float()                               # (B, K, window, window)
-        if logits is None:
-            logits = torch.zeros(out.shape[1], y1 - y0, x1 - x0, device=device)
-            total = torch.zeros(y1 - y0, x1 - x0, device=device)
-        for i, (y, x) in enumerate(chunk):
-            ty0, ty1, tx0, tx1 = max(y, y0), min(y + window, y1, H), max(x, x0), min(x + window, x1, W)
-            w = weight[ty0 - y:ty1 - y, tx0 - x:tx1 - x]
-            logits[:, ty0 - y0:ty1 - y0, tx0 - x0:tx1 - x0] += out[i, :, ty0 - y:ty1 - y, tx0 - x:tx1 - x] * w
-            total[ty0 - y0:ty1 - y0, tx0 - x0:tx1 - x0] += w
-    return logits / total
-
-
-def pad_to_window(part, window):
-    """(C, h, w) -> (C, window, window): the part at the top left, mirrored (symmetric reflection, repeated
-    as often as needed) into the rest. A neutral fill: speckle statistics and descriptors stay those of the
-    image, where zeros (or the mean) would add a flat, featureless border."""
-    h, w = part.shape[-2:]
-    if (h, w) == (window, window):
-        return part
-    padded = np.pad(part.numpy(), ((0, 0), (0, window - h), (0, window - w)), mode="symmetric")
-    return torch.from_numpy(padded)
-
-
-def sliding_logits_of_tile(model, image, window, stride, blend, batch, device):
-    """Sliding-window logits (K, H, W) of one in-memory image (C, H, W)."""
-    H, W = image.shape[-2:]
-    read = lambda y0, y1, x0, x1: image[:, y0:y1, x0:x1].cpu()  # noqa: E731
-    return sliding_window_logits(lambda x: model(x).logits, read, (H, W), (0, H, 0, W), window, stride, blend,
-                                 batch, device)
-
-
-# -----------------------------------------------------------------------------
-# evaluation of one split, with routing statistics
+# evaluation of one split (whole tiles, or sliding windows: nanosar/scene.py), with routing statistics
 
 
 def split_batches(split, batch, rank=0, world=1):
@@ -187,6 +123,34 @@ def checkpoint_for(spec, source, which="best"):
     return spec if os.path.basename(trained_on.rstrip("/")) == source else None
 
 
+def no_checkpoint_error(spec, benchmarks, which):
+    """The ValueError for a --ckpt that matched no benchmark of the suite, naming what was looked for."""
+    sources = ", ".join(dict.fromkeys(b["source"] for b in benchmarks))
+    if os.path.isdir(spec):
+        return ValueError(f"--ckpt {spec}: no checkpoint for a source of the suite in this folder: expected "
+                          f"{os.path.join(spec, '<source>', CHECKPOINT_NAMES[which])} for a source among {sources}")
+    return ValueError(f"--ckpt {spec}: trained on a domain that is the source of no benchmark of the suite "
+                      f"(sources: {sources})")
+
+
+def check_data_root(data):
+    """ValueError unless --data is a folder (it holds the prepared domains)."""
+    if os.path.isfile(data):
+        raise ValueError(f"--data {data} is a file, not a folder: give the folder of the prepared domains "
+                         f"(python prepare.py synthetic --out FOLDER)")
+
+
+def evaluate_target(model, bench, args, device, rank, world):
+    """Scores of a model on a benchmark's target split (evaluate_split); any ValueError names the split once."""
+    target = os.path.join(args.data, bench["target"], args.split)
+    try:
+        split = Split(target)
+        check_contract(model.cfg, split.meta, set(bench.get("factors", [])), target)
+        return evaluate_split(model, split, device, args.batch, args.window, args.stride, args.blend, rank, world)
+    except ValueError as e:
+        raise ValueError(str(e) if target in str(e) else f"split {target}: {e}") from None
+
+
 def run_name(spec):
     """The row label of a --ckpt without label=: the run folder's name (out/synth_tiny/ckpt.pt -> synth_tiny)."""
     path = os.path.abspath(spec)
@@ -194,6 +158,7 @@ def run_name(spec):
 
 
 def run_suite(args, device, rank, world):
+    check_data_root(args.data)
     benchmarks = suites.load(args.suite, args.data)
     variants = dict(v.split("=", 1) if "=" in v else (run_name(v), v) for v in args.ckpt)
     results = {}
@@ -207,19 +172,17 @@ def run_suite(args, device, rank, world):
             if path not in cache:                                    # each checkpoint is read once
                 cache[path] = load_model(path, device, args.compile)
             model, _ = cache[path]
-            target = os.path.join(args.data, bench["target"], args.split)
-            split = Split(target)
-            check_contract(model.cfg, split.meta, set(bench.get("factors", [])), target)
             t0 = time.time()
-            scores = evaluate_split(model, split, device, args.batch, args.window, args.stride, args.blend, rank, world)
+            scores = evaluate_target(model, bench, args, device, rank, world)
             results[label][bench["code"]] = {**scores, "source": bench["source"], "target": bench["target"],
                                              "checkpoint": path}
             if rank == 0:
                 print(f"{label:>10s} {bench['code']:>8s}: {bench['source']} -> {bench['target']}: "
                       f"mIoU {100 * scores['miou']:.2f} ({time.time() - t0:.1f} s)", flush=True)
+        if not results[label]:
+            raise no_checkpoint_error(spec, benchmarks, args.which)
     if rank == 0:
-        if not any(results.values()):
-            raise SystemExit("no checkpoint matched any benchmark source: pass a folder holding <source>/ckpt.pt")
+        write_routing_pictures(args, results, {path: model for path, (model, _) in cache.items()}, device)
         markdown = suite_markdown(args.suite, benchmarks, results)
         print("\n" + markdown)
         os.makedirs(args.out, exist_ok=True)
@@ -227,6 +190,25 @@ def run_suite(args, device, rank, world):
         write_text_atomic(os.path.join(args.out, f"{args.suite}.json"),
                      json.dumps({"suite": args.suite, "benchmarks": benchmarks, "results": results}, indent=1))
         print(f"wrote {args.out}/{args.suite}.md and .json")
+
+
+ROUTING_TILES = 4   # test tiles per target in the suite report's routing pictures
+
+
+def write_routing_pictures(args, results, models, device):
+    """<out>/routing/<label>_<target>.png for each MoE checkpoint and target: the top-1 expert per patch of
+    every block on the target's first ROUTING_TILES test tiles (side by side); its path goes in the results."""
+    for label, scores in results.items():
+        for s in scores.values():
+            model = getattr(models.get(s["checkpoint"]), "_orig_mod", models.get(s["checkpoint"]))  # eager: hooks
+            if model is None or model.cfg.n_experts == 1:
+                continue
+            split = Split(os.path.join(args.data, s["target"], args.split))
+            images, _ = load_batch(split, range(min(ROUTING_TILES, len(split))))
+            maps, blocks = tile_routing_maps(model, images.to(device))
+            s["routing_png"] = os.path.join("routing", f"{label}_{s['target']}.png")
+            os.makedirs(os.path.join(args.out, "routing"), exist_ok=True)
+            write_png(os.path.join(args.out, s["routing_png"]), routing_mosaic(maps, blocks, model.cfg.n_experts))
 
 
 def suite_markdown(name, benchmarks, results):
@@ -273,7 +255,8 @@ def suite_markdown(name, benchmarks, results):
             h, enl, r = s["mean_descriptors"]
             busiest = " ".join(f"e{int(np.argmax(f))}:{max(f):.2f}" for f in s["expert_load"])
             lines.append(f"| {target} | {h:.2f} | {enl:.3g} | {r:.3g} | {busiest} |")
-        lines.append("")
+        lines += [""] + [f"![{label} routing on {t}]({s['routing_png']})" for t, s in seen.items()
+                         if "routing_png" in s] + [""]
     return "\n".join(lines)
 
 
@@ -281,64 +264,24 @@ def suite_markdown(name, benchmarks, results):
 # whole-scene prediction
 
 
-
-
-def scene_pixels(scene, model_cfg, unit):
-    """A read(y0, y1, x0, x1) -> (C, h, w) float tensor for the model, plus a nodata-mask reader; clear
-    errors when the scene's bands or values do not fit the model."""
-    if unit is not None and unit != model_cfg.input_unit:
-        raise ValueError(f"{scene.path} is in {unit!r}, but the model expects {model_cfg.input_unit!r}; "
-                         f"convert it first")
-    complex_file = np.dtype(scene.dtype).kind == "c"
-    bands = 2 * scene.bands if complex_file else scene.bands
-    if complex_file and model_cfg.input_unit != "complex":
-        raise ValueError(f"{scene.path}: complex pixels, but the model expects {model_cfg.input_unit!r} input; "
-                         f"convert the scene (e.g. to amplitude or dB) first")
-    if bands != model_cfg.in_chans:
-        raise ValueError(f"{scene.path}: {bands} band(s){' (re, im)' if complex_file else ''}, but the model expects "
-                         f"{model_cfg.in_chans} {list(model_cfg.channels)} in unit {model_cfg.input_unit!r}")
-    # no-data (units.nodata_mask: non-finite, the declared GDAL_NODATA, or 0 in a magnitude unit) is filled
-    # with 0 in a magnitude unit (which the model's descriptors leave out), else with the normalisation
-    # mean, and predicted as 255
-    model_unit = model_cfg.input_unit
-    magnitude = model_unit in MAGNITUDE_UNITS
-    fill = torch.tensor([0.0] * model_cfg.in_chans if magnitude or not model_cfg.pixel_mean else
-                        model_cfg.pixel_mean).view(-1, 1, 1)
-
-    def raw(y0, y1, x0, x1):
-        window = scene.read(y0, y1, x0, x1)
-        return np.concatenate([window.real, window.imag]) if complex_file else window
-
-    def invalid(y0, y1, x0, x1):
-        return torch.from_numpy(nodata_mask(raw(y0, y1, x0, x1), model_unit, scene.nodata))
-
-    def read(y0, y1, x0, x1):
-        window = raw(y0, y1, x0, x1)
-        bad = torch.from_numpy(nodata_mask(window, model_unit, scene.nodata))
-        return torch.where(bad[None], fill, torch.from_numpy(np.array(window, dtype=np.float32)))
-
-    return read, invalid
-
-
-def check_scene_values(scene, unit, path):
-    """Stop when a window from the scene's middle cannot be in `unit` (units.check_plausible: a dB model
-    fed DN or amplitude would see 10^(x/10) overflow), saying which --unit to pass."""
-    y, x, h, w = scene.height // 2, scene.width // 2, min(512, scene.height), min(512, scene.width)
-    sample = scene.read(y - h // 2, y + h - h // 2, x - w // 2, x + w - w // 2)
-    sample = sample.real if np.iscomplexobj(sample) else sample
-    if scene.nodata is not None and sample.dtype.kind == "f":   # declared no-data is not a measurement
-        sample = np.where(sample == scene.nodata, np.nan, sample.astype(np.float64))
-    try:
-        check_plausible(sample, unit, path)
-    except ValueError as e:
-        raise ValueError(f"{e}; pass --unit with what the scene holds (the model reads {unit!r})") from None
+def output_stem(out):
+    """--out without a .tif / .tiff suffix: the start of the names of the quicklook and the routing maps."""
+    root, ext = os.path.splitext(out)
+    return root if ext.lower() in (".tif", ".tiff") else out
 
 
 def predict_scene(args, device):
     """Sliding-window prediction of a large GeoTIFF, block by block (memory independent of the scene size),
-    written as a tiled, deflate-compressed GeoTIFF of class ids with the input's georeferencing."""
-    check_output_path(args.out, [args.predict, args.ckpt[0]])   # never replace an input
-    model, _ = load_model(args.ckpt[0], device, args.compile)
+    written as a tiled, deflate-compressed GeoTIFF of class ids with the input's georeferencing, and
+    <out>.png, its quicklook; with --routing also the routing maps (RoutingMaps.write)."""
+    if os.path.isdir(args.ckpt[0]):
+        raise ValueError(f"--ckpt {args.ckpt[0]} is a folder; --predict needs one checkpoint file, e.g. "
+                         f"{os.path.join(args.ckpt[0], CHECKPOINT_NAMES['best'])}")
+    stem = output_stem(args.out)
+    outputs = [args.out, stem + ".png"] + ([stem + ".routing.tif", stem + ".routing.png"] if args.routing else [])
+    for out in outputs:
+        check_output_path(out, [args.predict, args.ckpt[0]])   # never replace an input
+    model, _ = load_model(args.ckpt[0], device, args.compile and not args.routing)   # hooks need the eager model
     cfg = model.cfg
     scene = TiffWindows(args.predict)
     if not scene.geo:
@@ -355,6 +298,7 @@ def predict_scene(args, device):
     if block % 16:
         raise ValueError(f"--block must be a multiple of 16 (TIFF tiles), got {block}")
     blocks = [(y, x) for y in range(0, H, block) for x in range(0, W, block)]
+    routing = RoutingMaps(model, (H, W), window, stride) if args.routing else None
     t0 = time.time()
 
     def forward(x):
@@ -365,9 +309,12 @@ def predict_scene(args, device):
             region = (y, min(y + block, H), x, min(x + block, W))
             with torch.no_grad():
                 logits = sliding_window_logits(forward, read, (H, W), region, window, stride, args.blend,
-                                               args.batch, device)
+                                               args.batch, device, routing and routing.record)
             labels = logits.argmax(0).to(torch.uint8).cpu()
-            labels[invalid(*region)] = IGNORE
+            nodata = invalid(*region)
+            labels[nodata] = IGNORE
+            if routing:
+                routing.mark_nodata(region, nodata)
             out = np.full((block, block), IGNORE, np.uint8)
             out[:labels.shape[0], :labels.shape[1]] = labels.numpy()
             if (i + 1) % max(1, len(blocks) // 20) == 0 or i + 1 == len(blocks):
@@ -381,8 +328,16 @@ def predict_scene(args, device):
         write_atomic(args.out, lambda tmp: write_tiled_geotiff(tmp, tiles(), (H, W), block, scene.geo, IGNORE))
     finally:
         scene.close()
+        if routing:
+            routing.close()
     print(f"wrote {args.out}: {H}x{W} class ids (255 = nodata) in {time.time() - t0:.1f} s, window {window}, "
           f"stride {stride}, {args.blend} blending")
+    write_png(stem + ".png", class_quicklook(args.out, cfg.class_names or [""] * cfg.num_classes))
+    print(f"wrote {stem}.png (quicklook)")
+    if routing:
+        routing.write(stem, scene.geo)
+        print(f"wrote {stem}.routing.tif (a band per MoE block {routing.blocks}, {routing.maps.shape[1]}x"
+              f"{routing.maps.shape[2]} patches of {cfg.patch_size} pixels) and {stem}.routing.png")
 
 
 # -----------------------------------------------------------------------------
@@ -393,6 +348,12 @@ def one_line(error):
     if isinstance(error, OSError) and error.strerror:
         return f"{error.filename}: {error.strerror}" if error.filename else error.strerror
     return str(error)
+
+
+def fail(message):
+    """Stop with one line on stderr, `eval.py: error: message`, and exit status 2."""
+    print(f"eval.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 def main(argv=None):
@@ -417,35 +378,41 @@ def main(argv=None):
     parser.add_argument("--block", type=int, default=1024, help="predict: pixels per output block and TIFF tile")
     parser.add_argument("--unit", choices=UNITS,
                         help="predict: the scene's pixel unit, checked against the model's")
+    parser.add_argument("--routing", action="store_true", help="predict: also write the top-1 expert per patch "
+                        "of every MoE block, <out>.routing.tif and .png (the model then runs uncompiled)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (worth it on a GPU)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                         help="auto = cuda if available (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.list_sources:
-        benchmarks = suites.load(args.suite or "synthetic", args.data)
-        print("\n".join(dict.fromkeys(b["source"] for b in benchmarks)))
+        try:
+            check_data_root(args.data)
+            print("\n".join(dict.fromkeys(b["source"] for b in suites.load(args.suite or "synthetic", args.data))))
+        except (OSError, ValueError) as e:
+            fail(one_line(e))
         return
     if not args.ckpt:
-        parser.error("--ckpt is required")
+        fail("--ckpt is required")
     if bool(args.suite) == bool(args.predict):
-        parser.error("choose one of --suite or --predict")
+        fail("choose one of --suite or --predict")
+    if args.predict and args.out == "out/eval":
+        fail("--predict needs --out mask.tif")
     if args.window and not args.stride:
         args.stride = args.window * 3 // 4
     if args.batch < 1 or (args.window is not None and args.window < 1) or args.block < 16:
-        parser.error("--batch and --window must be >= 1 and --block >= 16")
+        fail("--batch and --window must be >= 1 and --block >= 16")
     if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda but no CUDA GPU is visible to this process")
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        fail(f"--device cuda but no CUDA GPU is visible to this process (torch {torch.__version__}, {build}): use "
+             f"--device cpu or auto, or on a GPU machine install a CUDA build of torch")
     rank, world, device = init_distributed(args.device)
     try:
         if args.predict:
-            if args.out == "out/eval":
-                parser.error("--predict needs --out mask.tif")
             predict_scene(args, device)
         else:
             run_suite(args, device, rank, world)
     except (OSError, ValueError) as e:  # missing or damaged files, bad data, a full disk
-        print(f"eval.py: error: {one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        fail(one_line(e))
     finally:
         close_distributed()
 

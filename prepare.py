@@ -22,7 +22,8 @@ regions) and <out>/corpus.json listing them with their factors, resumable in the
 tile is a scene of its own, never one of a benchmark split (seeded by split, domain and index).
 
 Bad input (a missing folder, a damaged file, a full disk) ends with one line on stderr,
-`prepare.py: error: <file>: <what is wrong and what to do>`, and exit status 2.
+`prepare.py: error: <file>: <what is wrong and what to do>`, and exit status 2; Ctrl-C with
+`prepare.py: interrupted; rerun the same command to resume` and exit status 130.
 """
 
 import argparse
@@ -47,7 +48,9 @@ PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal a process gets 
 def _exit_with_parent(parent_pid):
     """Worker initializer: end this worker when prepare.py ends, even by kill -9 (which runs no cleanup
     and would leave the pool's workers simulating forever). Linux: the kernel sends SIGTERM when the parent
-    dies (prctl PR_SET_PDEATHSIG); elsewhere a daemon thread polls the parent's pid once a second."""
+    dies (prctl PR_SET_PDEATHSIG); elsewhere a daemon thread polls the parent's pid once a second. Ctrl-C
+    (SIGINT to the whole process group) ends the worker at once and silently: prepare.py says it, once."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
@@ -170,6 +173,21 @@ def prepare_corpus(out, tile=64, cpt_tiles=8, heldout_tiles=2, seed=0, workers=2
                      corpus)
 
 
+TILE_MULTIPLE = 16  # the presets' patch size (tiny's 8 divides it): every preset cuts a tile into whole patches
+
+
+def tile_size(text):
+    """argparse type of --tile: a positive multiple of TILE_MULTIPLE."""
+    try:
+        tile = int(text)
+    except ValueError:
+        tile = 0
+    if tile < TILE_MULTIPLE or tile % TILE_MULTIPLE:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive multiple of {TILE_MULTIPLE} (the patch size): "
+                                         f"use e.g. 64, 128, 256 or 512")
+    return tile
+
+
 def _one_line(error):
     """An exception's message on one line, for `prepare.py: error: ...`."""
     text = error.strerror if isinstance(error, OSError) and error.strerror and not error.filename else str(error)
@@ -202,7 +220,7 @@ def _conversion_summary(path):
 def main(argv=None):
     layouts = "\n\n".join(f"{name}:\n{LAYOUT[name]}" for name in CONVERTERS)
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="prepare.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"datasets and the on-disk layouts their converters expect:\n\n{layouts}")
     parser.add_argument("dataset", choices=["synthetic", "corpus", *CONVERTERS], help="what to prepare")
     parser.add_argument("--out", required=True, help="output folder")
@@ -213,8 +231,9 @@ def main(argv=None):
                              "any other name (or --split-list); --split all takes every image")
     parser.add_argument("--split-list", help="real datasets: a text file naming the images of the split, one a line "
                                              "(overrides the official list)")
-    parser.add_argument("--tile", type=int, default=None,
-                        help="tile size in pixels (synthetic 128, corpus 64; real: the dataset's, 512 or 256 for ddhr_sk, sarbud)")
+    parser.add_argument("--tile", type=tile_size, default=None,
+                        help="tile size in pixels, a multiple of 16 (synthetic 128, corpus 64; real: the dataset's, "
+                             "512 or 256 for ddhr_sk, sarbud)")
     parser.add_argument("--overlap", type=int, default=None,
                         help="overlap of tiles cut from larger scenes (real: 64, 0 for ddhr_sk and sarbud)")
     parser.add_argument("--taxonomy", choices=["7class", "native"], default="7class",
@@ -245,6 +264,9 @@ def main(argv=None):
     except (OSError, ValueError, RuntimeError) as e:      # bad input, full disk, missing codec, busy folder
         print(f"prepare.py: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:                             # Ctrl-C: what is written is kept for the rerun
+        print("prepare.py: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -11,6 +11,10 @@ then by --key=value (type-checked; unknown keys are errors), and saved with ever
 Two phases, as in the paper: "cpt" trains backbone and head (continued pre-training on a mix of prepared
 datasets, from scratch or upcycled from DINOv2); "dg" freezes the backbone of an earlier run and trains
 the head on one source domain. Model selection (best.pt) uses held-out source tiles, never a target.
+
+SIGTERM or SIGUSR1 (a scheduler's notice of preemption) on any process ends the current step on every
+process, saves ckpt.pt and exits 0: resume=True continues exactly. A bad tile, a NaN loss or a full disk
+stops the run with one line naming the file and the checkpoint to resume from.
 """
 
 import contextlib
@@ -31,7 +35,8 @@ from nanosar.checkpoint import check_same_architecture, load_checkpoint, save_ch
 from nanosar.configurator import key_comments, parse_config
 from nanosar.data import TileStream, channel_statistics, open_splits, read_tiles
 from nanosar.dinov2 import upcycle_from_dinov2
-from nanosar.distributed import close_distributed, init_distributed
+from nanosar.distributed import (StopSignals, close_distributed, gather_from_processes, init_distributed,
+                                 max_over_processes)
 from nanosar.files import RunLock, RunLockedError, open_csv_log, remove_stale_temporaries
 from nanosar.metrics import evaluate
 from nanosar.model import SARConfig, Segmenter, balance_loss_over_blocks, weight_decay_groups
@@ -79,6 +84,8 @@ MODEL_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SARConfig) if f.
 # what a backbone from init=ckpt:PATH brings along: it was trained on these inputs (pixels and router features)
 BACKBONE_INPUTS = ("pixel_mean", "pixel_std", "descriptors", "descriptor_mean", "descriptor_std", "multilook",
                    "entropy_bins", "roughness_block")
+CSV_COLUMNS = ["iter", "loss", "seg_loss", "balance_loss", "z_loss", "lr", "tiles_per_s", "mfu", "val_miou",
+               "expert_load"]
 
 
 def fail(message):
@@ -211,20 +218,6 @@ def set_train_mode(model, trainable_backbone):
         model.backbone.eval()
 
 
-def training_state(model, optimizer, it, cfg, best):
-    """Everything to resume exactly, as plain data (loads with weights_only=True)."""
-    return {"model": model.state_dict(), "model_args": dataclasses.asdict(model.cfg), "config": cfg,
-            "optimizer": optimizer.state_dict(), "iter_num": it, "best_val_miou": best,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}}
-
-
-def save(path, state, keep_previous=False):
-    """save_checkpoint (a full disk or a read-only folder: a one-line error), and say where it went."""
-    or_fail(save_checkpoint, path, state, keep_previous=keep_previous)
-    print(f"saved {path} (iter {state['iter_num']})", flush=True)
-
-
 # -----------------------------------------------------------------------------
 
 
@@ -236,8 +229,111 @@ def main(argv):
     model_overrides = {k: config[k] for k in MODEL_DEFAULTS if k in given}     # the rest: the preset's
     validate_config(cfg)
     cfg["model"] = model_overrides                            # saved with the checkpoints
-    rank, world, device = init_distributed(cfg["device"])
-    ddp, master, use_cuda = world > 1 or dist.is_initialized(), rank == 0, device.type == "cuda"
+    with contextlib.ExitStack() as cleanup:   # signal handlers, process group, run lock, CSV log: undone at any exit
+        signals = cleanup.enter_context(StopSignals())        # SIGTERM / SIGUSR1: finish the step, save, exit 0
+        rank, world, device = init_distributed(cfg["device"])
+        cleanup.callback(close_distributed)
+        run = set_up_run(cfg, model_overrides, rank, world, device, cleanup)
+        stopped_by = training_loop(run, signals)
+        if run.master and stopped_by is not None:
+            print(f"train.py: {stopped_by.name} at step {run.it}: saved {run.ckpt_path}; resume with resume=True",
+                  flush=True)
+        elif run.master:
+            print(f"done: {run.ckpt_path} (last, iter {run.it})" + (
+                f", {run.best_path} (best source val mIoU {100 * run.best:.2f})" if run.best >= 0 else ""))
+
+
+def training_loop(run, signals):
+    """Train from run.it to max_iters; returns the signal that stopped it early (after saving), or None."""
+    cfg, model, rank, world = run.cfg, run.model, run.rank, run.world
+    B, A = cfg["batch_size"], cfg["grad_accum"]
+    interval = IntervalStats(run.raw_model.cfg, run.device)   # losses, expert load since the last log
+    while run.it < cfg["max_iters"]:
+        lr = learning_rate_at(run.it, cfg)
+        for group in run.optimizer.param_groups:
+            group["lr"] = lr
+        for micro in range(A):
+            start = run.it * run.global_batch + (micro * world + rank) * B   # this process's slice of the global batch
+            images, labels = (t.to(run.device, non_blocking=True) for t in read_training_batch(run, start))
+            with contextlib.nullcontext() if not run.ddp or micro == A - 1 else model.no_sync():
+                with run.autocast:
+                    out = model(images)
+                    loss, seg, balance = training_loss(out, labels, run)
+                (loss / A).backward()
+            interval.add(loss, seg, balance, out, A)
+        if cfg["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in run.raw_model.parameters() if p.requires_grad],
+                                           cfg["grad_clip"])
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.it += 1
+        interval.steps += 1
+
+        it, last = run.it, run.it == cfg["max_iters"]
+        stopped_by = signals.agreed()            # a signal on any process stops every process at this step
+        evaluate_now = (cfg["eval_interval"] and it % cfg["eval_interval"] == 0) or last
+        save_now = (cfg["ckpt_interval"] and it % cfg["ckpt_interval"] == 0) or last or stopped_by is not None
+        log_now = it % cfg["log_interval"] == 0 or last or stopped_by is not None
+        if log_now or evaluate_now or save_now:   # all ranks agree, and stop before a NaN model is used
+            stop_if_not_finite(run, interval, lr)
+        val_miou = evaluate_and_keep_best(run) if evaluate_now else ""
+        if log_now:
+            log_progress(run, interval, lr, val_miou)
+        if save_now:
+            save_training_state(run)
+        if stopped_by is not None:
+            return stopped_by
+    return None
+
+
+# -----------------------------------------------------------------------------
+# the run: its set-up, one training step's loss, and the robustness around the loop
+
+
+@dataclasses.dataclass
+class Run:
+    """What the training loop and its helpers share: the configuration, the processes, the model (as called:
+    compiled and/or DDP-wrapped; raw: as saved and evaluated), the data, the files, and where it stands."""
+    cfg: dict
+    rank: int
+    world: int
+    device: torch.device
+    model: torch.nn.Module
+    raw_model: Segmenter
+    optimizer: torch.optim.Optimizer
+    stream: TileStream
+    autocast: object
+    trainable_backbone: bool
+    ckpt_path: str
+    best_path: str
+    csv_file: object            # open CSV log (rank 0, csv_log set) or None
+    flops_per_tile: float       # training FLOPs of one tile (MFU)
+    it: int                     # optimizer steps done
+    best: float                 # best source-validation mIoU so far (-1: none yet)
+    start_iter: int = 0
+    started: float = dataclasses.field(default_factory=time.time)
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def ddp(self):
+        return self.world > 1 or dist.is_initialized()
+
+    @property
+    def use_cuda(self):
+        return self.device.type == "cuda"
+
+    @property
+    def global_batch(self):
+        return self.cfg["batch_size"] * self.cfg["grad_accum"] * self.world
+
+
+def set_up_run(cfg, model_overrides, rank, world, device, cleanup):
+    """Data, the run folder (locked, debris of killed runs removed), the model and optimizer (resumed, with
+    this process's random state), the CSV log -> Run. cleanup (ExitStack) releases the lock and the log."""
+    master, use_cuda = rank == 0, device.type == "cuda"
     torch.manual_seed(cfg["seed"] + rank)
     use_amp = use_cuda and cfg["dtype"] != "float32"
     autocast = torch.autocast("cuda", dtype=getattr(torch, cfg["dtype"])) if use_amp else contextlib.nullcontext()
@@ -247,7 +343,7 @@ def main(argv):
     stream = or_fail(TileStream, splits, cfg["val_fraction"], cfg["seed"])
     ckpt_path, best_path = os.path.join(cfg["out_dir"], "ckpt.pt"), os.path.join(cfg["out_dir"], "best.pt")
     if master:
-        lock = or_fail(RunLock(cfg["out_dir"]).acquire)      # released by the OS when this process ends
+        or_fail(cleanup.enter_context, RunLock(cfg["out_dir"]))   # the OS also drops it if this process dies
         for name in remove_stale_temporaries(cfg["out_dir"]):
             print(f"removed {name}, a temporary file of a killed run")
     resume_state = or_fail(load_checkpoint, ckpt_path) if cfg["resume"] and os.path.isfile(ckpt_path) else None
@@ -256,7 +352,7 @@ def main(argv):
 
     # model and optimizer
     model = build_model(cfg, model_overrides, splits, resume_state, master)
-    model_cfg, trainable_backbone = model.cfg, cfg["phase"] == "cpt"
+    trainable_backbone = cfg["phase"] == "cpt"
     model.backbone.requires_grad_(trainable_backbone)
     model.backbone.grad_checkpointing = cfg["act_ckpt"]
     model.to(device)
@@ -265,14 +361,12 @@ def main(argv):
     start_iter, best = 0, -1.0
     if resume_state is not None:
         optimizer.load_state_dict(resume_state["optimizer"])
-        start_iter, best, rng = resume_state["iter_num"], resume_state["best_val_miou"], resume_state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if use_cuda and rng["cuda"]:
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        start_iter, best = resume_state["iter_num"], resume_state["best_val_miou"]
+        restore_random_state(resume_state["rng"], rank, world, ckpt_path)
     raw_model = model
     if cfg["compile"]:
         model = torch.compile(model)
-    if ddp:
+    if world > 1 or dist.is_initialized():
         model = DDP(model, device_ids=[device.index] if use_cuda else None)
     if master:
         counts = raw_model.parameter_counts()
@@ -280,111 +374,208 @@ def main(argv):
               f"({counts['backbone_active'] / 1e6:.2f}M active), {counts['head'] / 1e6:.2f}M head; phase "
               f"{cfg['phase']}, {len(stream.train)} train / {len(stream.val)} val tiles, {world} process(es) on "
               f"{device.type}")
-    columns = ["iter", "loss", "seg_loss", "balance_loss", "z_loss", "lr", "tiles_per_s", "mfu", "val_miou",
-               "expert_load"]
-    csv_file = (open_csv_log(cfg["csv_log"], columns, start_iter if resume_state is not None else None)
-                if master and cfg["csv_log"] else None)
+    csv_file = None
+    if master and cfg["csv_log"]:
+        csv_file = cleanup.enter_context(open_csv_log(cfg["csv_log"], CSV_COLUMNS,
+                                                      start_iter if resume_state is not None else None))
+    return Run(cfg, rank, world, device, model, raw_model, optimizer, stream, autocast, trainable_backbone,
+               ckpt_path, best_path, csv_file, raw_model.flops_per_tile(trainable_backbone), it=start_iter, best=best,
+               start_iter=start_iter)
 
-    # training loop
-    B, A = cfg["batch_size"], cfg["grad_accum"]
-    global_batch = B * A * world
-    flops = raw_model.flops_per_tile(trainable_backbone) * global_batch
-    moe = model_cfg.n_experts > 1
-    load = torch.zeros((model_cfg.depth, model_cfg.n_experts) if moe else (0, 1), dtype=torch.long, device=device)
-    sums = torch.zeros(4, device=device)                       # loss, seg, balance, z over the log interval
-    non_finite = torch.zeros((), dtype=torch.long, device=device)  # steps whose loss was NaN or inf
-    t0, run_t0, steps_in_interval, it = time.time(), time.time(), 0, start_iter
-    while it < cfg["max_iters"]:
-        lr = learning_rate_at(it, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for micro in range(A):
-            start = it * global_batch + (micro * world + rank) * B   # this process's slice of the global batch
-            images, labels = (t.to(device, non_blocking=True) for t in stream.batch(start, B, cfg["augment"]))
-            with contextlib.nullcontext() if not ddp or micro == A - 1 else model.no_sync():
-                with autocast:
-                    out = model(images)
-                    # sum over pixels / all pixels: every process weighs its tiles alike, so DDP's mean of
-                    # gradients equals the gradient of the global batch
-                    seg = F.cross_entropy(out.logits.float(), labels, ignore_index=255, reduction="sum")
-                    seg = seg / labels.numel()
-                    balance = out.balance_loss
-                    if ddp and moe:  # the balance loss of the global batch's routing: one all-reduce per step
-                        global_load = out.expert_load.clone()
-                        dist.all_reduce(global_load)
-                        balance = balance_loss_over_blocks(global_load, out.router_prob)
-                    aux = model_cfg.balance_loss_weight * balance + model_cfg.router_z_loss_weight * out.z_loss
-                    loss = seg + (aux if trainable_backbone else 0.0)
-                (loss / A).backward()
-            non_finite += (~torch.isfinite(loss.detach())).long()
-            sums += torch.stack([loss.detach(), seg.detach(), balance.detach(), out.z_loss.detach()]) / A
-            load += out.expert_load
-        if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in raw_model.parameters() if p.requires_grad], cfg["grad_clip"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        it += 1
-        steps_in_interval += 1
 
-        last = it == cfg["max_iters"]
-        evaluate_now = (cfg["eval_interval"] and it % cfg["eval_interval"] == 0) or last
-        save_now = (cfg["ckpt_interval"] and it % cfg["ckpt_interval"] == 0) or last
-        log_now = it % cfg["log_interval"] == 0 or last
-        if log_now or evaluate_now or save_now:   # all ranks agree, and stop before a NaN model is used
-            if ddp:
-                dist.all_reduce(non_finite)
-            if non_finite.item():
-                fail(f"the loss became NaN or infinite by iter {it} (learning rate {lr:.3g}); stopped without "
-                     f"saving; the last good checkpoint is {ckpt_path if os.path.isfile(ckpt_path) else 'none'}")
-        val_miou = ""
-        if evaluate_now:
-            raw_model.eval()
-            with autocast:
-                scores = evaluate(raw_model, validation_batches(stream, cfg, rank, world), device, world)
-            set_train_mode(raw_model, trainable_backbone)
-            val_miou = scores["miou"]
-            if master:
-                print(f"iter {it:6d} | source val mIoU {100 * val_miou:.2f} | accuracy {100 * scores['accuracy']:.2f}"
-                      f" | mean F1 {100 * scores['mean_f1']:.2f}", flush=True)
-            if not math.isnan(val_miou) and val_miou > best:  # model selection on held-out source tiles only
-                best = val_miou
-                if master:   # best.pt is for evaluation: no optimizer, no RNG
-                    state = training_state(raw_model, optimizer, it, cfg, best)
-                    save(best_path, {k: v for k, v in state.items() if k not in ("optimizer", "rng")})
-        if log_now:
-            if ddp:
-                dist.all_reduce(sums)
-                dist.all_reduce(load)
-            if use_cuda:
-                torch.cuda.synchronize()
-            dt = time.time() - t0
-            loss_v, seg_v, bal_v, z_v = (sums / (steps_in_interval * world)).tolist()
-            tiles_per_s = steps_in_interval * global_batch / dt
-            mfu = flops * steps_in_interval / dt / (cfg["peak_flops"] * world) if use_cuda else float("nan")
-            fraction = load.float() / load.sum(dim=1, keepdim=True).clamp_min(1)   # (L, E) share of tokens
-            if master:
-                busiest = " ".join(f"{f.max().item():.2f}" for f in fraction) if fraction.numel() else "-"
-                left = (time.time() - run_t0) / (it - start_iter) * (cfg["max_iters"] - it)
-                print(f"iter {it:6d}/{cfg['max_iters']} | loss {loss_v:.4f} (seg {seg_v:.4f}, balance {bal_v:.3f}, "
-                      f"z {z_v:.2f}) | lr {lr:.2e} | {tiles_per_s:7.1f} tiles/s"
-                      + (f" | MFU {100 * mfu:.1f}%" if use_cuda else "")
-                      + f" | busiest expert per layer {busiest} | {left / 60:.1f} min left", flush=True)
-            if csv_file:
-                csv.writer(csv_file).writerow([it, loss_v, seg_v, bal_v, z_v, lr, tiles_per_s, mfu, val_miou, ";".join(
-                    " ".join(f"{v:.4f}" for v in row) for row in fraction.tolist())])
-                csv_file.flush()
-            sums.zero_()
-            load.zero_()
-            t0, steps_in_interval = time.time(), 0
-        if master and save_now:
-            save(ckpt_path, training_state(raw_model, optimizer, it, cfg, best), keep_previous=True)
-    if master:
-        print(f"done: {ckpt_path} (last, iter {it})" + (f", {best_path} (best source val mIoU {100 * best:.2f})"
-                                                          if best >= 0 else ""))
-        lock.release()
-        if csv_file:
-            csv_file.close()
-    close_distributed()
+def training_loss(out, labels, run):
+    """(loss, seg, balance) of one micro-batch, each (): out a SegmenterOutput, labels (B, H, W).
+
+    seg is the cross-entropy summed over pixels / this process's pixels: every process weighs its tiles
+    alike, so DDP's mean of gradients equals the gradient of the global batch. Under DDP the balance loss
+    is that of the routing of every process's micro-batch: its expert counts are all-reduced here, once per
+    micro-step (micro-step m's backward needs them; the counts of later micro-steps do not exist yet).
+    """
+    cfg = run.raw_model.cfg
+    seg = F.cross_entropy(out.logits.float(), labels, ignore_index=255, reduction="sum") / labels.numel()
+    balance = out.balance_loss
+    if run.ddp and cfg.n_experts > 1:
+        global_load = out.expert_load.clone()
+        dist.all_reduce(global_load)
+        balance = balance_loss_over_blocks(global_load, out.router_prob)
+    aux = cfg.balance_loss_weight * balance + cfg.router_z_loss_weight * out.z_loss
+    return seg + (aux if run.trainable_backbone else 0.0), seg, balance
+
+
+class IntervalStats:
+    """What the loop sums between two logs: losses (4,) = loss, seg, balance, z (micro-step means), expert
+    assignments (L, E), and steps whose loss was NaN or infinite (never reset: one stops the run)."""
+
+    def __init__(self, model_cfg, device):
+        moe = model_cfg.n_experts > 1
+        self.sums = torch.zeros(4, device=device)
+        self.load = torch.zeros((model_cfg.depth, model_cfg.n_experts) if moe else (0, 1), dtype=torch.long,
+                                device=device)
+        self.non_finite = torch.zeros((), dtype=torch.long, device=device)
+        self.steps, self.t0 = 0, time.time()
+
+    def add(self, loss, seg, balance, out, micro_steps):
+        """One micro-step's losses (no host sync) and expert assignments."""
+        self.non_finite += (~torch.isfinite(loss.detach())).long()
+        self.sums += torch.stack([loss.detach(), seg.detach(), balance.detach(), out.z_loss.detach()]) / micro_steps
+        self.load += out.expert_load
+
+    def reset(self):
+        self.sums.zero_()
+        self.load.zero_()
+        self.steps, self.t0 = 0, time.time()
+
+
+def read_training_batch(run, start):
+    """This process's batch_size tiles at stream position `start` (images, labels), augmented. A tile that
+    cannot be read (a bad label, an I/O error) stops the run with one line; the half-done step is not saved."""
+    try:
+        return run.stream.batch(start, run.cfg["batch_size"], run.cfg["augment"])
+    except (OSError, ValueError) as e:
+        fail(f"{e}; {last_good_checkpoint(run.ckpt_path)}")
+
+
+def stop_if_not_finite(run, interval, lr):
+    """Stop every process, saving nothing, if a loss since the start was NaN or infinite (a collective)."""
+    if run.ddp:
+        dist.all_reduce(interval.non_finite)
+    if interval.non_finite.item():
+        fail(f"the loss became NaN or infinite by iter {run.it} (learning rate {lr:.3g}); stopped without saving; "
+             f"{last_good_checkpoint(run.ckpt_path)}")
+
+
+def evaluate_and_keep_best(run):
+    """Source-validation mIoU, printed; a new best is saved as best.pt (model selection never sees a target).
+    A validation tile that cannot be read on any process saves ckpt.pt and stops every process."""
+    faults = []
+    run.raw_model.eval()
+    with run.autocast:
+        batches = until_fault(validation_batches(run.stream, run.cfg, run.rank, run.world), faults)
+        scores = evaluate(run.raw_model, batches, run.device, run.world)
+    set_train_mode(run.raw_model, run.trainable_backbone)
+    if max_over_processes(len(faults)):
+        stop_after_bad_validation_tile(run, faults)
+    if run.master:
+        print(f"iter {run.it:6d} | source val mIoU {100 * scores['miou']:.2f} | accuracy "
+              f"{100 * scores['accuracy']:.2f} | mean F1 {100 * scores['mean_f1']:.2f}", flush=True)
+    if not math.isnan(scores["miou"]) and scores["miou"] > run.best:
+        run.best = scores["miou"]
+        if run.master:
+            save(run.best_path, model_state(run), run.ckpt_path)
+    return scores["miou"]
+
+
+def until_fault(batches, faults):
+    """The batches, up to one that cannot be read (ValueError, OSError: a bad tile), whose error goes to the
+    list `faults`: evaluation then still reaches its final all-reduce, so no process waits forever."""
+    try:
+        yield from batches
+    except (OSError, ValueError) as e:
+        faults.append(e)
+
+
+def stop_after_bad_validation_tile(run, faults):
+    """Save ckpt.pt (the step is complete: nothing is lost), then stop every process (exit status 2): those
+    that met a bad tile with its one-line error, rank 0 otherwise with a pointer to it."""
+    save_training_state(run)
+    max_over_processes(0)          # no process exits (and has a launcher kill the others) before rank 0 has saved
+    saved = f"the run is saved in {run.ckpt_path} (iter {run.it}): resume=True continues it"
+    if faults:
+        fail(f"{faults[0]}; {saved}")
+    if run.master:
+        fail(f"another process met a validation tile it cannot read (its own line names it); {saved}")
+    sys.exit(2)
+
+
+def log_progress(run, interval, lr, val_miou):
+    """Print the means since the last log (losses, tiles/s, MFU on GPUs, the busiest expert's share per
+    block, time left) on rank 0 and append them to the CSV log; then start a new interval (a collective)."""
+    cfg, world = run.cfg, run.world
+    if run.ddp:
+        dist.all_reduce(interval.sums)
+        dist.all_reduce(interval.load)
+    if run.use_cuda:
+        torch.cuda.synchronize()
+    dt = time.time() - interval.t0
+    loss_v, seg_v, bal_v, z_v = (interval.sums / (interval.steps * world)).tolist()
+    tiles_per_s = interval.steps * run.global_batch / dt
+    flops = run.flops_per_tile * run.global_batch * interval.steps
+    mfu = flops / dt / (cfg["peak_flops"] * world) if run.use_cuda else float("nan")
+    fraction = interval.load.float() / interval.load.sum(dim=1, keepdim=True).clamp_min(1)   # (L, E) token shares
+    if run.master:
+        busiest = " ".join(f"{f.max().item():.2f}" for f in fraction) if fraction.numel() else "-"
+        left = (time.time() - run.started) / (run.it - run.start_iter) * (cfg["max_iters"] - run.it)
+        print(f"iter {run.it:6d}/{cfg['max_iters']} | loss {loss_v:.4f} (seg {seg_v:.4f}, balance {bal_v:.3f}, "
+              f"z {z_v:.2f}) | lr {lr:.2e} | {tiles_per_s:7.1f} tiles/s" + (f" | MFU {100 * mfu:.1f}%" if run.use_cuda
+                                                                              else "")
+              + f" | busiest expert per layer {busiest} | {left / 60:.1f} min left", flush=True)
+    if run.csv_file:
+        expert_load = ";".join(" ".join(f"{v:.4f}" for v in row) for row in fraction.tolist())
+        csv.writer(run.csv_file).writerow([run.it, loss_v, seg_v, bal_v, z_v, lr, tiles_per_s, mfu, val_miou,
+                                           expert_load])
+        run.csv_file.flush()
+    interval.reset()
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+
+def random_state():
+    """This process's random state: torch's CPU generator and its GPU's (drop path draws from them)."""
+    return {"torch": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []}
+
+
+def restore_random_state(saved, rank, world, ckpt_path):
+    """Each process takes back its own random state from a checkpoint's list of them (one per process).
+    A checkpoint of an older version holds one (rank 0's); one of another number of processes cannot
+    continue every stream, so each keeps its fresh seed (rank 0 says so)."""
+    states = saved if isinstance(saved, list) else [saved]
+    if len(states) != world:
+        if rank == 0:
+            print(f"note: {ckpt_path} holds the random state of {len(states)} process(es), this run has {world}: "
+                  f"each process continues from seed + rank (drop path draws differ from an uninterrupted run)")
+        return
+    torch.set_rng_state(states[rank]["torch"])
+    if torch.cuda.is_available() and states[rank]["cuda"]:
+        torch.cuda.set_rng_state(states[rank]["cuda"][0])
+
+
+def model_state(run):
+    """What evaluation needs (best.pt): the model, its configuration, the run's config, where it stands."""
+    return {"model": run.raw_model.state_dict(), "model_args": dataclasses.asdict(run.raw_model.cfg),
+            "config": run.cfg, "iter_num": run.it, "best_val_miou": run.best}
+
+
+def save_training_state(run):
+    """Save ckpt.pt: everything to resume exactly, as plain data (loads with weights_only=True), with the
+    random state of every process. A collective: every process calls it, rank 0 writes."""
+    states = gather_from_processes(random_state())
+    if run.master:
+        state = {**model_state(run), "optimizer": run.optimizer.state_dict(), "rng": states}
+        save(run.ckpt_path, state, run.ckpt_path, keep_previous=True)
+
+
+def save(path, state, ckpt_path, keep_previous=False):
+    """save_checkpoint, and say where it went. A save that fails (a full disk, a read-only folder) leaves
+    the file it would have replaced as it was and stops the run with one line naming the checkpoint to
+    resume from (ckpt_path)."""
+    try:
+        save_checkpoint(path, state, keep_previous=keep_previous)
+    except OSError as e:
+        fail(f"{e.strerror or e}; {last_good_checkpoint(ckpt_path)}")
+    print(f"saved {path} (iter {state['iter_num']})", flush=True)
+
+
+def last_good_checkpoint(ckpt_path):
+    """Where a stopped run resumes from, in words: ckpt_path and its iteration, or that there is none."""
+    if not os.path.isfile(ckpt_path):
+        return "no checkpoint of this run was saved yet"
+    try:
+        it = load_checkpoint(ckpt_path, parts=("iter_num",))["iter_num"]
+    except ValueError:
+        return f"the last checkpoint {ckpt_path} cannot be read either"
+    return f"the last good checkpoint {ckpt_path} (iter {it}) is intact: resume=True continues from it"
 
 
 if __name__ == "__main__":

@@ -157,10 +157,10 @@ using CombineGrads = std::tuple<at::Tensor, at::Tensor>;
 //   CPU: TORCH_CHECK before any memory is touched through the index, always (a loop over T*k ints).
 //   CUDA: the kernels skip bad entries (no out-of-bounds access) and count them in a small device
 //   tensor, which the host reads after the launch: one 32-byte device-to-host copy, i.e. one stream
-//   synchronisation, per permute_forward, and per combine call with check_order = true. The autograd
-//   formulas of moe_ops.py pass check_order = false where order comes from permute_forward or was
-//   checked by the forward (permute's and combine's backward), so a training step pays two syncs per
-//   MoE layer. gating_backward ignores expert ids outside [0, E) on CUDA and rejects them on CPU.
+//   synchronisation, per permute_forward, and per combine call with check_order = true. The MoE layer
+//   (model.dispatch_sorted) and the autograd formulas of moe_ops.py pass check_order = false, as order
+//   always comes from permute_forward there, so a training step pays one sync per MoE layer (permute's).
+//   gating_backward ignores expert ids outside [0, E) on CUDA and rejects them on CPU.
 //   Inside torch.compile the ops are opaque calls, so these host reads cause no graph break.
 
 GatingOutputs gating_forward_cpu(const at::Tensor& logits, int64_t top_k);

@@ -5,6 +5,7 @@ The routing ablation (the paper's Sec. 4.4) under the paper's protocol, at lapto
     python -m nanosar.ablation --out runs/ablation_quick --quick   # 8 rows x 1 seed, 10 min (a smoke test)
     python -m nanosar.ablation --variant gpu --device cuda         # small preset, 256 px tiles: one H200
     python -m nanosar.ablation --separability                      # can the descriptors tell the domains apart?
+    python -m nanosar.ablation --descriptor-table                  # ENL against looks; descriptors per domain
     python -m nanosar.ablation --curve 400,800,1600                # dense row: mIoU against pre-training steps
 
 Per seed (the seed sets initialisation and data order):
@@ -38,7 +39,7 @@ descriptors are computed in its own unit (model_inputs); the unit is product met
 
 Sections: 1. inputs (mixed units, the oracle's factors, descriptor statistics) and the frozen backbone's
 features; 2. the protocol (stage 0, upcycling, pre-training, heads, scores, routing, FFN share);
-3. separability of the descriptors; 4. the runner and its report.
+3. separability of the descriptors, and their table per sensor and domain; 4. the runner and its report.
 """
 
 import argparse
@@ -540,7 +541,8 @@ def routing_report(model, experts, heldout):
 
 
 # -----------------------------------------------------------------------------
-# 3. Separability: can a plain classifier tell each domain factor from the descriptors?
+# 3. Separability: can a plain classifier tell each domain factor from the descriptors? And the descriptors
+#    per sensor and domain of the synthetic suite (descriptor_table; here, not in sim: it needs the model)
 
 
 def log_intensity_moments(tiles):
@@ -591,6 +593,39 @@ def format_separability(table, data):
     return "\n".join(lines)
 
 
+def domain_descriptors(domain, n_tiles=32, size=128, seed=0, roughness_block=16, split="test"):
+    """(n_tiles, 3) directional entropy (nats), ENL, local roughness of a sim domain's first n_tiles tiles of
+    `split`, as model.sar_descriptors computes them (the paper's: on X' = log(1 + |x|) of the magnitude of
+    the tile in the domain's own unit; roughness over roughness_block x roughness_block blocks)."""
+    images = np.stack([sim.simulate_tile(domain, split, i, size, seed)[0] for i in range(n_tiles)])  # (N, C, H, W)
+    cfg = SARConfig(img_size=size, in_chans=images.shape[1], input_unit=domain.representation,
+                    roughness_block=roughness_block)
+    return sar_descriptors(torch.from_numpy(images), cfg).numpy().astype(np.float64)
+
+
+def descriptor_table(n_tiles=32, size=128, seed=0, roughness_block=16):
+    """The simulator's descriptors against the physics, as markdown (python -m nanosar.ablation
+    --descriptor-table): (1) per sensor preset, the ENL of a homogeneous area in linear intensity against
+    the looks (sim.homogeneous_enl); (2) per domain of the suite (and the extra domains), mean and 5-95 %
+    range of the three descriptors over n_tiles test tiles of size x size (domain_descriptors)."""
+    lines = ["| sensor | looks | ENL, homogeneous 256x256 'other' at 35 deg, linear intensity | expected |",
+             "|---|---|---|---|"]
+    for code, sensor in sim.SENSORS.items():
+        enl, expected = sim.homogeneous_enl(code)
+        note = " (noise-removed)" if sensor.noise_removed else ""
+        lines.append(f"| {code} ({sensor.name}) | {sensor.looks:g} | {enl:.2f} | {expected:.2f}{note} |")
+    caption = (f"Descriptors on X' = log(1 + |x|), {n_tiles} test tiles of {size}x{size} per domain, roughness "
+               f"blocks of {roughness_block}: mean [5 %, 95 %]")
+    lines += ["", caption, "", "| domain | sensor | unit | entropy (nats) | ENL | roughness |",
+              "|---|---|---|---|---|---|"]
+    for domain in sim.suite_domains() + sim.EXTRA_DOMAINS:
+        d = domain_descriptors(domain, n_tiles, size, seed, roughness_block)
+        cells = [f"{m:.3g} [{lo:.3g}, {hi:.3g}]" for m, lo, hi in
+                 zip(d.mean(0), np.percentile(d, 5, axis=0), np.percentile(d, 95, axis=0))]
+        lines.append(f"| {domain.name} | {domain.sensor} | {domain.representation} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 # -----------------------------------------------------------------------------
 # 4. The runner: data, stage 0 and the runs (skipped when finished), the report
 
@@ -614,6 +649,10 @@ def prepare_data(data_root, settings, log):
         except (OSError, ValueError):
             found = None
         if found is not None:
+            if found.get("generator_version") != sim.GENERATOR_VERSION:
+                raise ValueError(f"{index} was simulated by nanosar.sim generator version "
+                                 f"{found.get('generator_version')}, this code's is {sim.GENERATOR_VERSION}: "
+                                 f"use another --data folder (or delete {out} to regenerate it)")
             if (found.get("tile"), found.get("tiles"), found.get("seed")) != (settings["tile"], sizes[folder],
                                                                               settings["data_seed"]):
                 raise ValueError(f"{index} was prepared with tile {found.get('tile')}, tiles {found.get('tiles')}, "
@@ -947,6 +986,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--separability", action="store_true",
                         help="only print the descriptors' separability table over the variant's corpus")
+    parser.add_argument("--descriptor-table", action="store_true",
+                        help="only print the ENL against the looks per sensor and the descriptors per domain of the "
+                             "synthetic suite (32 test tiles of 128 px each; with --dry-run 2 of 64 px)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting of the variant (VALUE in JSON), e.g. --set preset='\"small\"' "
                              "--set stage0_steps=3200; repeatable")
@@ -970,6 +1012,9 @@ def main(argv=None):
         parser.error(f"--device {args.device}: this torch build sees no CUDA GPU (use --device cpu)")
     t0 = time.time()
     try:
+        if args.descriptor_table:
+            print(descriptor_table(2, 64) if args.dry_run else descriptor_table())
+            return 0
         if args.separability:
             settings = dry_run_settings(variant) if args.dry_run else variant_settings(variant)
             data_root = args.data or os.path.join(out, "data")

@@ -5,13 +5,14 @@ A checkpoint is a dict of plain data (tensors, numbers, strings, lists, dicts), 
 torch.load(weights_only=True): no pickled code runs when a file from elsewhere is opened.
 
     {"model": state_dict, "model_args": asdict(SARConfig), "config": train.py's config,
-     "optimizer": state_dict, "iter_num": int, "best_val_miou": float, "rng": {...},
-     "checksums": {part: sha256 hex}}
+     "optimizer": state_dict, "iter_num": int, "best_val_miou": float,
+     "rng": [{"torch": state, "cuda": [states]} per DDP rank], "checksums": {part: sha256 hex}}
 
 Every top-level part gets a sha256 of its content, verified when that part is read, so a flipped byte
 inside a tensor is an error, not a silently worse model. Saving writes a temporary file and renames it
 (a kill at any moment leaves the old file or the new one), and keeps the file it replaces as
-`<name>.prev.pt`, the one to fall back to if the newest is ever damaged.
+`<name>.prev.pt`, the one to fall back to if the newest is ever damaged. A save that fails (a full disk)
+is an OSError of one line naming the file, and leaves the file it would have replaced as it was.
 """
 
 import hashlib
@@ -19,7 +20,7 @@ import os
 
 import torch
 
-from nanosar.files import remove_path, write_atomic
+from nanosar.files import explain_os_error, remove_path, write_atomic
 
 
 class CheckpointError(ValueError):
@@ -68,9 +69,30 @@ def save_checkpoint(path, state, keep_previous=False):
     if keep_previous and os.path.isfile(path):
         link = f"{previous_path(path)}.tmp-{os.getpid()}"
         remove_path(link)
-        os.link(path, link)                   # the current file under a second name, then renamed: atomic
-        os.replace(link, previous_path(path))
-    write_atomic(path, lambda tmp: torch.save(state, tmp))
+        try:
+            os.link(path, link)               # the current file under a second name, then renamed: atomic
+            os.replace(link, previous_path(path))
+        except OSError as e:
+            remove_path(link)
+            raise OSError(e.errno, explain_os_error(e, previous_path(path))) from e
+    write_atomic(path, lambda tmp: write_torch_file(state, tmp))
+
+
+def write_torch_file(state, path):
+    """torch.save(state) to `path` through a Python file, flushed to the disk. A full disk is then OSError
+    ENOSPC from the write (torch's own file writer reports it as RuntimeError "unexpected pos"); a failure
+    of torch's zip writer all the same becomes a one-line OSError."""
+    try:
+        with open(path, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())              # on the disk before the rename makes it the checkpoint
+    except RuntimeError as e:
+        if "inline_container" not in str(e) and "PytorchStreamWriter" not in str(e):
+            raise
+        reason = str(e).splitlines()[0]
+        raise OSError(f"torch could not write it ({reason}): the disk is probably full; free some space and "
+                      f"run again (nothing was replaced)") from e
 
 
 def load_checkpoint(path, parts=None):

@@ -448,7 +448,23 @@ def load_batch(split, indices):
     labels = np.empty((len(indices), *split.labels.shape[1:]), np.uint8)
     images[order] = split.images[indices[order]]
     labels[order] = split.labels[indices[order]]
+    check_tile_labels(split, indices, labels)
     return torch.from_numpy(images).float(), torch.from_numpy(labels).long()
+
+
+def check_tile_labels(split, indices, labels):
+    """ValueError naming the split, the tile and the value if labels (B, H, W) uint8 of tiles `indices` hold a
+    value that is neither a class id nor 255: a labels.npy changed after its meta.json was written, which
+    opening the split (check_labels reads meta.json) cannot see. One pass over the batch's labels."""
+    num_classes = len(split.meta["class_names"])
+    bad = (labels >= num_classes) & (labels != IGNORE)                      # (B, H, W)
+    if bad.any():
+        b = int(np.flatnonzero(bad.reshape(len(labels), -1).any(axis=1))[0])
+        value = int(labels[b][bad[b]][0])
+        raise ValueError(f"split {split.path}: tile {int(indices[b])} has label value {value}, neither a class "
+                         f"id of its {num_classes} classes nor 255 (ignore), and meta.json does not list it: "
+                         f"labels.npy changed after prepare.py wrote it; fix that tile or re-run prepare.py for "
+                         f"this split")
 
 
 # -----------------------------------------------------------------------------

@@ -176,19 +176,54 @@ TAG_TYPES = {"ModelPixelScale": 12, "ModelTiepoint": 12, "ModelTransformation": 
              "GeoDoubleParams": 12, "GeoAsciiParams": 2}   # TIFF types: 12 double, 3 short, 2 ascii
 
 
+def geotiff_extratags(geo, nodata):
+    """tifffile extratags of the georeferencing tags `geo` (geotiff_tags) plus GDAL_NODATA = nodata."""
+    codes = {name: code for code, name in GEOTIFF_TAGS.items()}
+    extratags = [(codes[name], TAG_TYPES[name], 0 if TAG_TYPES[name] == 2 else len(value), value, True)
+                 for name, value in geo.items() if name in TAG_TYPES]
+    return extratags + [(codes["GDAL_NODATA"], 2, 0, str(nodata), True)]
+
+
 def write_tiled_geotiff(path, tiles, shape, tile, geo, nodata):
     """Write a (H, W) uint8 GeoTIFF tile by tile: `tiles` yields (tile, tile) arrays in row-major tile order
     (so memory stays one tile), deflate-compressed, with the georeferencing tags `geo` (geotiff_tags of
     the input) and GDAL_NODATA = nodata. BigTIFF when the image passes 2 GiB."""
     import tifffile
 
-    codes = {name: code for code, name in GEOTIFF_TAGS.items()}
-    extratags = [(codes[name], TAG_TYPES[name], 0 if TAG_TYPES[name] == 2 else len(value), value, True)
-                 for name, value in geo.items() if name in TAG_TYPES]
-    extratags.append((codes["GDAL_NODATA"], 2, 0, str(nodata), True))
     with tifffile.TiffWriter(path, bigtiff=shape[0] * shape[1] > 2**31) as writer:
-        writer.write(tiles, shape=shape, dtype=np.uint8, tile=(tile, tile), compression="zlib", extratags=extratags,
-                     photometric="minisblack")
+        writer.write(tiles, shape=shape, dtype=np.uint8, tile=(tile, tile), compression="zlib",
+                     extratags=geotiff_extratags(geo, nodata), photometric="minisblack")
+
+
+def write_band_geotiff(path, bands, geo, nodata, description=None):
+    """Write bands (B, H, W) uint8, held in memory, as one deflate-compressed GeoTIFF of B separate planes
+    with the georeferencing tags `geo`, GDAL_NODATA = nodata and an optional ImageDescription."""
+    import tifffile
+
+    tifffile.imwrite(path, np.asarray(bands, np.uint8), photometric="minisblack", planarconfig="separate",
+                     compression="zlib", extratags=geotiff_extratags(geo, nodata), description=description,
+                     metadata=None)
+
+
+def coarsen_geotags(geo, factor):
+    """GeoTIFF tags of a grid whose cells are factor x factor pixels of the grid `geo` describes, with the
+    same origin (cell (0, 0) covers pixels [0, factor) x [0, factor)): the pixel size times factor, a
+    tiepoint's raster position moved to the coarse grid (with RasterPixelIsPoint, whose raster positions
+    are pixel centres: fine pixel i = factor i' + (factor - 1) / 2)."""
+    geo = dict(geo)
+    offset = (factor - 1) / 2 if geokeys(geo).get(1025) == 2 else 0.0
+    if "ModelPixelScale" in geo:
+        sx, sy, *rest = geo["ModelPixelScale"]
+        geo["ModelPixelScale"] = [sx * factor, sy * factor, *rest]
+    if "ModelTiepoint" in geo:
+        i, j, *rest = geo["ModelTiepoint"]
+        geo["ModelTiepoint"] = [(i - offset) / factor, (j - offset) / factor, *rest]
+    if "ModelTransformation" in geo:
+        m = list(geo["ModelTransformation"])
+        m[3], m[7] = m[3] + (m[0] + m[1]) * offset, m[7] + (m[4] + m[5]) * offset
+        m[0], m[1], m[4], m[5] = m[0] * factor, m[1] * factor, m[4] * factor, m[5] * factor
+        geo["ModelTransformation"] = m
+    return geo
 
 
 class TiffWindows:

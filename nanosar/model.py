@@ -15,6 +15,7 @@ D width, Dh expert hidden width, E experts, k experts per token, K classes, L tr
 Upcycling from DINOv2 checkpoints lives in nanosar/dinov2.py, the MoE kernels in nanosar/moe_ops.py.
 """
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -135,8 +136,9 @@ PRESETS = {
 # 2. SAR physical descriptors (paper Sec. 3, "Physical Mechanism Router")
 #
 # Three scalars per image, over its valid pixels (a pixel whose magnitude is exactly 0 is no-data, the
-# zero-filled border of a real scene, never a measurement). They enter the model in Segmenter.forward
-# (section 7): sar_descriptors -> router_features -> every block's PhysicsRouter (section 4).
+# zero-filled border of a real scene, never a measurement). Where they enter the model: Segmenter.forward
+# (section 7) computes s_raw = sar_descriptors(x) once per image, forward_prepared s = router_features(s_raw);
+# SARViT passes s to every block, and PhysicsRouter.forward (section 4) adds W_s s to each token's logits.
 # Two definitions (SARConfig.descriptors):
 #   "paper":    on X' = log(1 + |X|) of the magnitude image, as the paper writes them: directional entropy
 #               of Sobel gradients, ENL = (mean / std)^2 of the whole image, variance of block means.
@@ -444,8 +446,9 @@ def balance_loss_over_blocks(counts, mean_prob):
     """Mean over MoE blocks of the Switch loss. counts (L, E) int64, mean_prob (L, E) -> (). 0 when L = 0.
 
     With SegmenterOutput.expert_load and .router_prob of one process it equals SegmenterOutput.balance_loss.
-    Under DDP, the loss of the global batch: sum expert_load over the processes (all_reduce, outside the
-    model: every process must issue it, once per step), then call this with the local router_prob;
+    Under DDP, the loss of the micro-batch of all processes: sum expert_load over the processes (all_reduce,
+    outside the model: every process must issue it, once per micro-step, whose backward needs these counts),
+    then call this with the local router_prob;
     DDP's gradient averaging turns the local p_e into the global mean (same number of tokens per process).
     """
     if counts.shape[0] == 0:
@@ -471,7 +474,8 @@ def route(logits, top_k, gating_fn=gating, gate="renorm"):
 
 
 class PhysicsRouter(nn.Module):
-    """pi = softmax(W_r [z || s] + b_r): one linear layer over each token and its image's descriptors."""
+    """pi = softmax(W_r [z || s] + b_r): one linear layer over each token and its image's descriptors s
+    (section 2: router_features(sar_descriptors(x)), computed once per image in Segmenter.forward)."""
 
     def __init__(self, dim, descriptor_dim, n_experts):
         super().__init__()
@@ -524,6 +528,13 @@ def permute(x, expert_idx, n_experts):
     x: (T, D), expert_idx: (T, k) int64 -> x_sorted (T*k, D), order (T*k,) int64, counts (E,) int64.
     Assignment a = t*k + j is token t's j-th expert; sorted row r holds assignment order[r], rows of
     expert e are counts[:e].sum() ... counts[:e+1].sum() - 1, in token order within an expert (stable).
+
+    Example, 5 tokens, k = 1, 3 experts: expert 0 gets tokens 1 and 4 (rows 0-1), expert 1 token 3 (row 2),
+    expert 2 tokens 0 and 2 (rows 3-4); offsets = counts.cumsum(0), the end rows grouped_linear takes:
+
+    >>> x_sorted, order, counts = permute(torch.arange(5.0)[:, None], torch.tensor([[2], [0], [2], [1], [0]]), 3)
+    >>> order.tolist(), counts.tolist(), counts.cumsum(0).tolist(), x_sorted[:, 0].tolist()
+    ([1, 4, 3, 0, 2], [2, 1, 2], [2, 3, 5], [1.0, 4.0, 3.0, 0.0, 2.0])
     """
     k = expert_idx.shape[1]
     order = torch.argsort(expert_idx.reshape(-1), stable=True)     # (T*k,) assignments grouped by expert
@@ -541,8 +552,15 @@ def combine(expert_out, gates, order):
 def dispatch_sorted(x, expert_idx, gates, w1, b1, w2, b2, kernels=False):
     """permute -> all experts as grouped matmuls -> combine; with kernels, permute and combine are the
     extension's. x: (T, D), expert_idx: (T, k) int64, gates: (T, k) -> (T, D), as dispatch_reference.
-    Group sizes stay on the device (no host sync in this function: torch.compile takes it whole)."""
-    permute_fn, combine_fn = (moe_ops.permute, moe_ops.combine) if kernels else (permute, combine)
+
+    Every host read (on CUDA, a sync) is inside an operator, so torch.compile takes this function whole,
+    with no graph break. On CUDA, per call: with kernels, 1 in the forward (permute's check of the expert
+    ids; combine skips its check of order, which permute made); off the torch._grouped_mm path (bf16 on
+    sm90+), grouped_linear's segment sizes, 2 more in the forward and 4 in the backward (test_ops.py).
+    """
+    permute_fn = moe_ops.permute if kernels else permute
+    # order comes from permute, a permutation: the kernel need not check it (on CUDA, a host read saved)
+    combine_fn = functools.partial(moe_ops.combine, check_order=False) if kernels else combine
     x_sorted, order, counts = permute_fn(x, expert_idx, w1.shape[0])            # (T*k, D), (T*k,), (E,)
     offsets = counts.cumsum(0)                                                   # (E,) end row of each expert
     h = F.gelu(moe_ops.grouped_linear(x_sorted, w1, b1, offsets))                # (T*k, Dh)
@@ -732,6 +750,17 @@ class FPNHead(nn.Module):
         levels = [F.interpolate(sm(lv), size=size, mode="bilinear") for sm, lv in zip(self.smooth, levels)]
         return self.classifier(self.fuse(torch.cat(levels, dim=1)))    # (B, K, 4h, 4w)
 
+    def macs(self, h, w):
+        """Multiply-accumulates of one forward on 4 maps of h x w, each convolution at its own resolution:
+        its kernel's weights times its output pixels (the x2 transposed convolutions: their input pixels)."""
+        weights = lambda m: sum(p.numel() for p in m.parameters() if p.ndim == 4)  # noqa: E731  conv kernels
+        pixels = [4 * h * 4 * w, 2 * h * 2 * w, h * w, (h // 2) * (w // 2)]      # the pyramid, strides p/4..2p
+        up_x4, up_x2 = self.resample[0], self.resample[1]
+        return (weights(self.lateral) * h * w                                    # 1x1, at stride p
+                + weights(up_x4[0]) * h * w + weights(up_x4[3]) * pixels[1] + weights(up_x2) * h * w
+                + sum(weights(sm) * n for sm, n in zip(self.smooth, pixels))    # 3x3, at each level's stride
+                + (weights(self.fuse) + weights(self.classifier)) * pixels[0])  # 3x3 and 1x1, at stride p/4
+
 
 @dataclass
 class SegmenterOutput:
@@ -816,13 +845,15 @@ class Segmenter(nn.Module):
         return SegmenterOutput(logits, aux, balance, z_loss, load, s_raw, router_prob)
 
     def flops_per_tile(self, trainable_backbone=True):
-        """Approximate training FLOPs per tile (6 x active parameters x tokens, 2x for a frozen backbone, plus
-        attention scores), for train.py's MFU estimate."""
+        """Approximate training FLOPs per tile, for train.py's MFU estimate: the backbone's 6 x active parameters
+        x tokens (2x for a frozen backbone) plus attention scores, and the head's 6 x its multiply-accumulates,
+        each convolution at its own resolution (FPNHead.macs: the fuse conv at stride p/4 dominates)."""
         cfg, counts = self.cfg, self.parameter_counts()
-        tokens = 1 + cfg.num_register_tokens + (cfg.img_size // cfg.patch_size) ** 2
+        grid = cfg.img_size // cfg.patch_size
+        tokens = 1 + cfg.num_register_tokens + grid**2
         backbone = (6 if trainable_backbone else 2) * counts["backbone_active"] * tokens
         attention = (3 if trainable_backbone else 1) * 4 * cfg.depth * cfg.embed_dim * tokens**2
-        return backbone + attention + 6 * counts["head"] * tokens
+        return backbone + attention + 6 * self.head.macs(grid, grid)
 
     def parameter_counts(self):
         """Parameters: total, active per token (top_k of n_experts experts), backbone and head split."""

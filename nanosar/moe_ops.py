@@ -22,9 +22,10 @@ for, or a layer beyond the kernels' limits (top_k > 8; more than 512 experts on 
 never runs the kernels. unsupported_reason(x, n_experts, top_k) gives the reason for one tensor's device.
 
 Index checks: permute rejects expert ids outside [0, E) and combine an order that is not a permutation
-of [0, T*k) with a RuntimeError, never a memory fault. On CUDA each permute and each combine forward
-reads its check back from the GPU (one small copy, a stream synchronisation: two per MoE layer in a
-training step); the backward ops reuse the order checked in the forward and do not sync.
+of [0, T*k) with a RuntimeError, never a memory fault. On CUDA each check reads a flag back from the GPU
+(one small copy, a stream synchronisation). combine(..., check_order=False) skips it for an order that
+permute made (model.dispatch_sorted, and the backward formulas below), so an MoE layer's training step
+syncs once for the kernels (permute's check), plus grouped_linear's reads off its torch._grouped_mm path.
 
 Build it with `pip install --no-build-isolation -e .` (setup.py), or set NANOSAR_JIT=1 to compile the
 sources of csrc/ just in time with ninja (torch.utils.cpp_extension.load), which is handy when editing
@@ -264,15 +265,18 @@ def gating(logits, top_k):
 
 
 def permute(x, expert_idx, n_experts):
-    """Kernel twin of model.permute: x (T, D), expert_idx (T, k) -> x_sorted (T*k, D), order, counts."""
+    """Kernel twin of model.permute (a worked example of order there): x (T, D), expert_idx (T, k) ->
+    x_sorted (T*k, D), order (T*k,), counts (E,)."""
     _require_extension()
     return torch.ops.nanosar.permute(x, expert_idx, n_experts)
 
 
-def combine(expert_out, gates, order):
-    """Kernel twin of model.combine: expert_out (T*k, D), gates (T, k), order (T*k,) -> y (T, D)."""
+def combine(expert_out, gates, order, check_order=True):
+    """Kernel twin of model.combine: expert_out (T*k, D), gates (T, k), order (T*k,) -> y (T, D).
+    check_order=False skips the check that order is a permutation (on CUDA a host sync): only for an order
+    that permute returned (dispatch_sorted); an unchecked bad entry is skipped, never read out of bounds."""
     _require_extension()
-    return torch.ops.nanosar.combine(expert_out, gates.to(_acc_dtype(expert_out.dtype)), order)
+    return torch.ops.nanosar.combine(expert_out, gates.to(_acc_dtype(expert_out.dtype)), order, check_order)
 
 
 # -----------------------------------------------------------------------------

@@ -10,7 +10,8 @@ generalization suite whose 22 sub-benchmarks mirror the paper's 8 gap types.
 Reading order: 1. sensor profiles; 2. backscatter tables; 3. scene generators; 4. image formation
 (sigma0 with incidence dependence, water from the wind, flooded vegetation, layover / shadow / double
 bounce, K-distributed texture, thermal noise, speckle with the product's looks, thermal noise removal,
-quantisation, representation); 5. the suite; 6. the tables (python -m nanosar.sim --descriptors, --sigma0).
+quantisation, representation); 5. the suite; 6. the tables (python -m nanosar.sim --sigma0). The router's
+descriptors per domain need the model, which sim must not import: python -m nanosar.ablation --descriptor-table.
 The backscatter numbers are engineering defaults inside the published ranges named at PUBLISHED_SIGMA0_DB
 (tested), not measurements.
 """
@@ -63,7 +64,7 @@ SENSORS = {
 # Thermal noise removal. Sentinel-1 sigma0 as datasets and GEE's COPERNICUS/S1_GRD deliver it is denoised
 # with the product's noise LUT (ESA's IPF annotation; SNAP ThermalNoiseRemoval, then calibration), so
 # dark surfaces sit near their sigma0, not at the NESZ: S1 is the one noise-removed preset. ALOS-2 L1.5
-# and GF-3 DN products are calibrated without a noise term (sar_physics.md section 7); TerraSAR-X and
+# and GF-3 DN products are calibrated without a noise term (their product formats' calibration equations); TerraSAR-X and
 # Capella annotate their noise (NEBN, noise polynomial) but deliver it unsubtracted, as modelled here;
 # the airborne presets' NESZ (-30 dB) lies below every class.
 DN_SCALE = SIM_DN_SCALE  # amplitude -> DN for "uint16_dn" products: sigma0 of -10 dB ~ DN 100 (GF-3 HH median ~ 50)
@@ -95,8 +96,8 @@ DOUBLE_BOUNCE_DB = {"co": 10.0, "cross": 3.0}   # wall-ground corner reflector a
 #                + slope (theta - 35)
 #   calm  (dB) = the Bragg level at the reference wind - CALM_BELOW_DB (no waves: specular, away from the radar)
 # with U the wind speed at 10 m (m/s) and slope the water row of INCIDENCE_SLOPE_DB (-0.7 dB/deg). Levels: C-band
-# VV -19 dB at 4 m/s and 35 deg, -13.5 dB at 7.5 m/s, -25 dB and below under 2 m/s (sar_physics.md section 2:
-# open water C VV -20 (-26...-12); Sentinel-1 flood thresholds -15...-20 dB VV, Twele et al. 2016; the
+# VV -19 dB at 4 m/s and 35 deg, -13.5 dB at 7.5 m/s, -25 dB and below under 2 m/s (SERVIR SAR
+# Handbook 2019 and Ulaby & Long 2014: open water C VV -20 (-26...-12); Sentinel-1 flood thresholds -15...-20 dB VV, Twele et al. 2016; the
 # Sen1Floods11 flooded sample's median -17.6 VV). Polarization: HH 3 dB below VV over water (polarization
 # ratio, 2-5 dB at mid incidence), cross-pol 8 dB below VV (6-10 dB in S1 flood products). Band: L darker and
 # less wind-sensitive (exponent 1.5), X brighter (capillary waves).
@@ -703,7 +704,7 @@ def write_domain(out_dir, domain, split, n_tiles, size, seed=0):
 
 
 # -----------------------------------------------------------------------------
-# 6. The descriptors the physics router sees, per sensor and domain (python -m nanosar.sim --descriptors)
+# 6. The tables: ENL against the looks per sensor, sigma0 per class (python -m nanosar.sim --sigma0)
 
 
 def homogeneous_enl(sensor_code, size=256, seed=0, cls=OTHER, incidence_deg=REFERENCE_INCIDENCE):
@@ -717,41 +718,6 @@ def homogeneous_enl(sensor_code, size=256, seed=0, cls=OTHER, incidence_deg=REFE
                           incidence_deg=incidence_deg)
     intensity = image[0].astype(np.float64)
     return intensity.mean() ** 2 / intensity.var(), sensor.looks
-
-
-def domain_descriptors(domain, n_tiles=32, size=128, seed=0, roughness_block=16, split="test"):
-    """(n_tiles, 3) directional entropy (nats), ENL, local roughness of a domain's first n_tiles tiles of
-    `split`, as nanosar.model.sar_descriptors computes them on X' = log(1 + |x|) of the magnitude of
-    the tile in the domain's own unit (roughness over roughness_block x roughness_block blocks)."""
-    import torch
-
-    from nanosar.model import SARConfig, sar_descriptors
-
-    images = np.stack([simulate_tile(domain, split, i, size, seed)[0] for i in range(n_tiles)])   # (N, C, H, W)
-    cfg = SARConfig(img_size=size, in_chans=images.shape[1], input_unit=domain.representation,
-                    roughness_block=roughness_block)
-    return sar_descriptors(torch.from_numpy(images), cfg).numpy().astype(np.float64)
-
-
-def descriptor_table(n_tiles=32, size=128, seed=0, roughness_block=16):
-    """The simulator's descriptors against the physics, as markdown: (1) per sensor preset, the ENL of a
-    homogeneous area in linear intensity against the looks; (2) per domain of the suite (and the extra
-    domains), mean and 5-95 % range of the three descriptors over n_tiles test tiles of size x size."""
-    lines = ["| sensor | looks | ENL, homogeneous 256x256 'other' at 35 deg, linear intensity | expected |",
-             "|---|---|---|---|"]
-    for code, sensor in SENSORS.items():
-        enl, expected = homogeneous_enl(code)
-        note = " (noise-removed)" if sensor.noise_removed else ""
-        lines.append(f"| {code} ({sensor.name}) | {sensor.looks:g} | {enl:.2f} | {expected:.2f}{note} |")
-    caption = (f"Descriptors on X' = log(1 + |x|), {n_tiles} test tiles of {size}x{size} per domain, roughness "
-               f"blocks of {roughness_block}: mean [5 %, 95 %]")
-    lines += ["", caption, "", "| domain | sensor | unit | entropy (nats) | ENL | roughness |", "|---|---|---|---|---|---|"]
-    for domain in suite_domains() + EXTRA_DOMAINS:
-        d = domain_descriptors(domain, n_tiles, size, seed, roughness_block)
-        cells = [f"{m:.3g} [{lo:.3g}, {hi:.3g}]" for m, lo, hi in
-                 zip(d.mean(0), np.percentile(d, 5, axis=0), np.percentile(d, 95, axis=0))]
-        lines.append(f"| {domain.name} | {domain.sensor} | {domain.representation} | {' | '.join(cells)} |")
-    return "\n".join(lines)
 
 
 def class_sigma0_table(n_tiles=16, size=128, seed=0, sensors=tuple(SENSORS)):
@@ -789,19 +755,14 @@ def format_class_sigma0_table(table):
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="nanosar's SAR simulator")
-    parser.add_argument("--descriptors", action="store_true",
-                        help="print the descriptor table (ENL against looks per sensor, descriptor ranges per domain)")
+    parser = argparse.ArgumentParser(description="nanosar's SAR simulator (the router's descriptors per sensor and "
+                                                 "domain: python -m nanosar.ablation --descriptor-table)")
     parser.add_argument("--sigma0", action="store_true",
                         help="print each class's simulated sigma0 (median [IQR] dB) per sensor and polarization, "
                              "beside the published ranges")
-    parser.add_argument("--tiles", type=int, default=32, help="tiles per domain")
+    parser.add_argument("--tiles", type=int, default=32, help="twice the tiles per corpus region (32: 16 each)")
     parser.add_argument("--size", type=int, default=128, help="tile size in pixels")
-    parser.add_argument("--roughness-block", type=int, default=16, help="roughness block (SARConfig default 16)")
     args = parser.parse_args()
-    if not (args.descriptors or args.sigma0):
-        parser.error("nothing to do: pass --descriptors or --sigma0")
-    if args.sigma0:
-        print(format_class_sigma0_table(class_sigma0_table(args.tiles // 2, args.size)))
-    if args.descriptors:
-        print(descriptor_table(args.tiles, args.size, roughness_block=args.roughness_block))
+    if not args.sigma0:
+        parser.error("nothing to do: pass --sigma0")
+    print(format_class_sigma0_table(class_sigma0_table(args.tiles // 2, args.size)))

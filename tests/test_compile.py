@@ -1,6 +1,6 @@
 """torch.compile takes the MoE ops whole (CPU): a fullgraph compile of the sparse FFN the model runs,
-gating -> permute -> grouped_linear -> gelu -> grouped_linear -> combine, forward and backward, equals
-eager, and dynamo finds no graph break in it.
+gating -> model.dispatch_sorted (permute -> grouped_linear -> gelu -> grouped_linear -> combine), forward
+and backward, equals eager, and dynamo finds no graph break in it.
 
 Two chains: with the extension's kernels (skipped without it), and with the pure-PyTorch references of
 nanosar/model.py for gating, permute and combine (grouped_linear is always an operator of moe_ops).
@@ -14,7 +14,6 @@ of those terms, not of itself (1.4e-6 on 0.036 seen). Measured: at most 3e-7 of 
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from nanosar import model as M
 from nanosar import moe_ops
@@ -23,15 +22,13 @@ EXT = moe_ops.load_extension()
 T, D, DH, E, K = 50, 16, 32, 6, 2
 
 
-def moe_chain(gating, permute, combine):
+def moe_chain(kernels):
     """The MoE FFN on tokens x (T, D) with router weight (D, E) and expert weights, as one function."""
+    gating = moe_ops.gating if kernels else M.gating
 
     def chain(x, router_w, w1, b1, w2, b2):
         expert_idx, gates, counts, mean_prob, z_loss = gating(x @ router_w, K)   # (T, k), (T, k), (E,), (E,), ()
-        x_sorted, order, counts = permute(x, expert_idx, E)                      # (T*k, D), (T*k,), (E,)
-        offsets = counts.cumsum(0)                                                # (E,) end row of each expert
-        h = F.gelu(moe_ops.grouped_linear(x_sorted, w1, b1, offsets))             # (T*k, Dh)
-        y = combine(moe_ops.grouped_linear(h, w2, b2, offsets), gates, order)     # (T, D)
+        y = M.dispatch_sorted(x, expert_idx, gates, w1, b1, w2, b2, kernels=kernels)  # (T, D)
         return y, mean_prob, z_loss
 
     return chain
@@ -52,8 +49,8 @@ def outputs_and_grads(fn, tensors):
 
 
 CHAINS = {
-    "kernels": lambda: moe_chain(moe_ops.gating, moe_ops.permute, moe_ops.combine),
-    "references": lambda: moe_chain(M.gating, M.permute, M.combine),
+    "kernels": lambda: moe_chain(kernels=True),
+    "references": lambda: moe_chain(kernels=False),
 }
 
 

@@ -278,6 +278,24 @@ def test_label_values_outside_the_classes_fail_when_the_split_is_opened(tmp_path
         Split(path)
 
 
+def test_a_label_edited_after_meta_json_fails_when_its_tile_is_read(tmp_path):
+    """meta.json lists the label values, so opening the split cannot see a labels.npy changed later (a tile
+    edited by hand): reading that tile is the one-line error, for train.py and eval.py alike."""
+    path = str(tmp_path / "s")
+    _, labels = write(path)
+    edited = np.load(os.path.join(path, "labels.npy"), mmap_mode="r+")
+    edited[2, 7, 3] = 9
+    edited.flush()
+    del edited
+    split = Split(path)                                                  # meta.json still says 0..6 and 255
+    _, ok = data.load_batch(split, [3, 1, 0])                            # 255 (ignore) is fine
+    np.testing.assert_array_equal(ok.numpy(), labels[[3, 1, 0]])
+    with pytest.raises(ValueError, match=re.escape(path) + r": tile 2 has label value 9, .* 7 classes .* re-run "
+                                         r"prepare\.py") as error:
+        data.load_batch(split, [0, 3, 2])
+    assert "\n" not in str(error.value)
+
+
 # -----------------------------------------------------------------------------
 # TIFFs: the file's own band layout, and damaged files
 

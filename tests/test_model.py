@@ -165,6 +165,43 @@ def test_base_is_370M_not_300M():
     assert 84e6 < counts["backbone_active"] < 88e6
 
 
+def conv_macs_of_a_forward(module, run):
+    """Multiply-accumulates of every convolution in module during run(), counted by forward hooks from the
+    shapes it really ran at: Conv2d out pixels x Cout x Cin x kh x kw, ConvTranspose2d in pixels x the same."""
+    macs = []
+
+    def hook(m, inputs, out):
+        c_in, c_out, kernel = inputs[0].shape[1], out.shape[1], m.kernel_size[0] * m.kernel_size[1]
+        pixels = inputs[0].shape[-2:] if isinstance(m, torch.nn.ConvTranspose2d) else out.shape[-2:]
+        macs.append(out.shape[0] * pixels[0] * pixels[1] * c_out * c_in // m.groups * kernel)
+
+    convs = [m for m in module.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
+    handles = [m.register_forward_hook(hook) for m in convs]
+    with torch.no_grad():
+        run()
+    for h in handles:
+        h.remove()
+    return sum(macs)
+
+
+@pytest.mark.parametrize("h, w", [(8, 8), (6, 5)])
+def test_head_macs_count_each_layer_at_its_resolution(h, w):
+    """FPNHead.macs equals what its convolutions compute in a real forward (the fuse conv at stride p/4,
+    16x the patch grid, is most of it), and flops_per_tile = backbone + attention + 6 x the head's."""
+    cfg = SARConfig.preset("tiny")
+    model = Segmenter(cfg)
+    features = [torch.randn(2, cfg.embed_dim, h, w) for _ in range(4)]
+    counted = conv_macs_of_a_forward(model.head, lambda: model.head(features)) // 2   # per tile
+    assert model.head.macs(h, w) == counted
+    fuse = sum(p.numel() for p in model.head.fuse.parameters() if p.ndim == 4) * 16 * h * w
+    assert 0.5 < fuse / counted < 1
+    grid = cfg.img_size // cfg.patch_size
+    tokens, active = 1 + grid**2, model.parameter_counts()["backbone_active"]
+    attention = 3 * 4 * cfg.depth * cfg.embed_dim * tokens**2
+    head = conv_macs_of_a_forward(model.head, lambda: model(torch.randn(1, 1, cfg.img_size, cfg.img_size)))
+    assert model.flops_per_tile() == 6 * active * tokens + attention + 6 * head
+
+
 # -----------------------------------------------------------------------------
 # routing, losses, dispatch
 

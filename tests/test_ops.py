@@ -6,12 +6,14 @@ that NANOSAR_REQUIRE_EXT=1 (set by CI) turns a missing extension into a failure.
 `gpu` and skipped without CUDA.
 """
 
+import doctest
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from nanosar import model as M
 from nanosar import moe_ops
@@ -167,6 +169,20 @@ def test_gating_cpu_gradcheck(T, E, k):
     assert torch.autograd.gradcheck(differentiable_outputs, (logits,))
 
 
+@pytest.mark.parametrize("impl", ["reference", pytest.param("kernel", marks=needs_ext)])
+def test_permute_docstring_example_holds(impl):
+    """The worked example in model.permute's docstring (5 tokens, 3 experts), run as a doctest on the
+    reference and on the kernel; combine with unit gates undoes it."""
+    permute = M.permute if impl == "reference" else moe_ops.permute
+    test = doctest.DocTestFinder().find(M.permute, globs={"torch": torch, "permute": permute})[0]
+    assert len(test.examples) == 2
+    result = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE).run(test, out=print)
+    assert result.failed == 0
+    x = torch.arange(5.0)[:, None]
+    x_sorted, order, _ = permute(x, torch.tensor([[2], [0], [2], [1], [0]]), 3)
+    assert torch.equal(M.combine(x_sorted, torch.ones(5, 1), order), x)
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("D", [5, 64])
@@ -242,6 +258,61 @@ def test_segmenter_fast_uses_the_extension_and_agrees():
     assert layers and all("cpu" in layer.kernel_devices for layer in layers)
     x = torch.randn(2, 1, 64, 64) * 3 - 12
     torch.testing.assert_close(fast(x).logits, ref(x).logits)
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the ops that would read device memory on the host (a sync) on CUDA: .item() and friends
+    (aten._local_scalar_dense), ops whose output size depends on values (nonzero, ...), and the extension's
+    index checks (every permute; combine and combine_backward with check_order). grouped_linear's own
+    reads happen inside the operator, beyond this mode: host_reads counts its moe_ops._segments calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.count += self.reads_back(func, args, kwargs)
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def reads_back(func, args, kwargs):
+        name = func._schema.name
+        if name in ("nanosar::combine", "nanosar::combine_backward"):     # check_order, the last argument
+            n = len(func._schema.arguments)
+            return bool(args[n - 1] if len(args) == n else kwargs.get("check_order", True))
+        return name in ("aten::_local_scalar_dense", "nanosar::permute") or torch.Tag.dynamic_output_shape in func.tags
+
+
+def host_reads(fn, monkeypatch):
+    """How many host reads fn() would make on CUDA (HostReads, plus grouped_linear's segment reads)."""
+    segments, calls = moe_ops._segments, []
+    monkeypatch.setattr(moe_ops, "_segments", lambda *a: calls.append(1) or segments(*a))
+    with HostReads() as reads:
+        fn()
+    return reads.count + len(calls)
+
+
+@needs_ext
+@pytest.mark.parametrize("grouped_mm, forward, backward", [(True, 1, 0), (False, 3, 4)])
+def test_moe_layer_host_reads_per_layer(grouped_mm, forward, backward, monkeypatch):
+    """The syncs dispatch_sorted documents, per MoE layer on CUDA: the forward reads permute's check of the
+    expert ids (combine's check of order is skipped); off the torch._grouped_mm path (bf16 on sm90+, forced
+    here on the CPU), grouped_linear reads its segment sizes, 2 in the forward and 4 in the backward. The
+    public combine still checks by default. Nothing else in the tiny Segmenter reads back."""
+    monkeypatch.setattr(moe_ops, "_grouped_mm_supported", lambda a, b: grouped_mm)
+    torch.manual_seed(0)
+    layer = M.MoEFFN(16, 32, 6, 2, descriptor_dim=3)
+    z, s = torch.randn(2, 9, 16, requires_grad=True), torch.randn(2, 3)
+    out = []
+    assert host_reads(lambda: out.extend(layer(z, s)), monkeypatch) == forward
+    assert host_reads(lambda: (out[0].sum() + out[1].balance_loss).backward(), monkeypatch) == backward
+    x_sorted, order, _ = moe_ops.permute(z.detach()[0], out[1].expert_idx[:9], 6)
+    assert host_reads(lambda: moe_ops.combine(x_sorted, out[1].gates[:9], order), monkeypatch) == 1
+    model = M.Segmenter(M.SARConfig.preset("tiny", top_k=2))
+    n_layers = sum(isinstance(m, M.MoEFFN) for m in model.modules())
+    assert host_reads(lambda: model(torch.randn(2, 1, 64, 64)).logits.sum().backward(), monkeypatch) == \
+        n_layers * (forward + backward)
 
 
 @needs_ext

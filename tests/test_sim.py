@@ -312,10 +312,9 @@ def test_scenes_have_large_homogeneous_areas(region):
     assert max(dominant) > 0.85 and np.median(dominant) < 0.7
 
 
-def test_descriptor_table_reaches_the_looks_on_homogeneous_tiles():
+def test_router_enl_reaches_the_looks_on_homogeneous_tiles():
     """The router's ENL (on X' = log(1 + |x|)) of a homogeneous S1 tile in dB reaches the product's ENL
-    (3.78 noise-removed; log1p(x) ~ x - x^2 / 2 narrows the spread of x ~ 0.08 by about 10 %), and
-    descriptor_table has a row per sensor preset and per domain."""
+    (3.78 noise-removed; log1p(x) ~ x - x^2 / 2 narrows the spread of x ~ 0.08 by about 10 %)."""
     import torch
 
     from nanosar.model import SARConfig, sar_descriptors
@@ -326,9 +325,15 @@ def test_descriptor_table_reaches_the_looks_on_homogeneous_tiles():
     entropy, enl, roughness = sar_descriptors(torch.from_numpy(image[None]), SARConfig(img_size=128)).numpy()[0]
     assert 0.95 < enl / sim.homogeneous_enl("S1")[1] < 1.2
     assert entropy > 0.98 * np.log(18) and roughness < 1e-4          # isotropic speckle, flat at the block scale
-    table = sim.descriptor_table(n_tiles=2, size=64)
-    for name in [*sim.SENSORS, *(d.name for d in sim.suite_domains() + sim.EXTRA_DOMAINS)]:
-        assert f"| {name}" in table
+
+
+def test_sim_does_not_import_the_model_and_its_cli_runs():
+    """sim sits below the model (the descriptor table that needs both lives in nanosar.ablation)."""
+    code = "import sys, nanosar.sim; assert 'nanosar.model' not in sys.modules, 'sim imports the model'"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True).returncode == 0
+    result = subprocess.run([sys.executable, "-m", "nanosar.sim", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0 and "--sigma0" in result.stdout
+    assert "nanosar.ablation --descriptor-table" in result.stdout
 
 
 # -----------------------------------------------------------------------------
@@ -462,6 +467,40 @@ def test_a_full_disk_stops_prepare_with_one_line(tmp_path, monkeypatch, capsys):
     assert err.startswith("prepare.py: error: ") and "N-G3-HH-db/train: no space left on the device" in err
 
 
+@pytest.mark.parametrize("tile", ["0", "-16", "20", "x"])
+def test_prepare_refuses_a_tile_that_is_not_a_multiple_of_16(tile, tmp_path, capsys):
+    """--tile 0 once wrote tiles of 128 silently; now every size that no preset cuts into whole patches is an
+    argparse error naming it, before anything is written."""
+    from prepare import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["synthetic", "--out", str(tmp_path / "synth"), "--tile", tile])
+    assert exit_.value.code == 2 and not (tmp_path / "synth").exists()
+    assert capsys.readouterr().err.splitlines()[-1] == (f"prepare.py: error: argument --tile: {tile} is not a positive "
+                                                       f"multiple of 16 (the patch size): use e.g. 64, 128, 256 or 512")
+
+
+INTERRUPTED = "prepare.py: interrupted; rerun the same command to resume"
+
+
+def test_ctrl_c_stops_prepare_with_one_line_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
+    out, write_domain, calls = tmp_path / "synth", sim.write_domain, []
+
+    def ctrl_c_in_the_second_split(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        write_domain(*args, **kwargs)
+
+    monkeypatch.setattr(sim, "write_domain", ctrl_c_in_the_second_split)
+    assert prepare(out) == 130
+    assert capsys.readouterr().err == INTERRUPTED + "\n"
+    monkeypatch.undo()
+    assert prepare(out) == 0
+    assert "resuming: keeping 1 splits already written with tile 32, seed 0" in capsys.readouterr().out
+    assert check_suite_complete(str(out))["complete"] is True
+
+
 def children(pid):
     """Pids of the processes whose parent is pid (from /proc)."""
     kids = []
@@ -507,6 +546,33 @@ def test_killing_prepare_ends_its_workers(tmp_path):
         parent.wait()
         assert wait_until(lambda: not any(running(w) for w in workers), 20), \
             f"workers {[w for w in workers if running(w)]} outlived their parent"
+    finally:
+        parent.kill() if parent.poll() is None else None
+        for w in workers:
+            if running(w):
+                os.kill(w, signal.SIGKILL)
+        parent.stderr.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="finds the workers through /proc (Linux)")
+def test_ctrl_c_ends_prepare_and_its_workers_with_one_line(tmp_path):
+    """Ctrl-C in a terminal sends SIGINT to the whole process group: the workers end at once and silently
+    (no traceback each, no waiting for their domains), prepare.py says so in one line and exits 130."""
+    out = tmp_path / "synth"
+    parent = subprocess.Popen([sys.executable, "prepare.py", "synthetic", "--out", str(out), "--train-tiles", "100000",
+                               "--workers", "2"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    workers = []
+    try:
+        def both_writing():
+            workers[:] = children(parent.pid)
+            writing = {int(p.rsplit("-", 1)[1]) for p in glob.glob(str(out / "*" / "*.tmp-*"))}
+            return len(writing & set(workers)) == 2
+        assert wait_until(both_writing, 120), parent.stderr.read() if parent.poll() is not None else ""
+        os.killpg(parent.pid, signal.SIGINT)       # what the terminal does on Ctrl-C
+        assert parent.wait(timeout=30) == 130
+        assert parent.stderr.read() == INTERRUPTED + "\n"
+        assert wait_until(lambda: not any(running(w) for w in workers), 20)
     finally:
         parent.kill() if parent.poll() is None else None
         for w in workers:

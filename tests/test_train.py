@@ -1,18 +1,25 @@
-"""train.py end to end on CPU: learning, exact resume, 2-process DDP = 1 process, the DG phase, bad configs."""
+"""train.py end to end on CPU: learning, exact resume, 2-process DDP = 1 process, the DG phase, bad configs,
+and the faults of real runs: bad tiles, a full disk, preemption (SIGTERM) with and without DDP."""
 
 import csv
+import errno
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
+import train as train_script
 from nanosar import sim
-from nanosar.data import Split
+from nanosar.checkpoint import load_checkpoint
+from nanosar.data import Split, stream_indices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,6 +49,50 @@ def ok(result):
 def weights(out_dir, name="ckpt.pt"):
     """A checkpoint the script wrote, read as any user would: plain data, weights_only=True."""
     return torch.load(os.path.join(out_dir, name), map_location="cpu", weights_only=True)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread in this process, as the subprocess runs have (OMP_NUM_THREADS=1): the same float sums."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train_here(capsys, *args):
+    """Run train.py's main in this process, where a test can patch it: (exit status, stdout, stderr)."""
+    capsys.readouterr()
+    try:
+        train_script.main(list(args))
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def signal_at_step(done, signum=signal.SIGTERM):
+    """A learning_rate_at for train.py that sends this process `signum` as the step after `done` finished steps
+    begins: train.py then stops after step done + 1."""
+    def learning_rate_at(it, cfg):
+        if it == done:
+            os.kill(os.getpid(), signum)
+        return real_learning_rate_at(it, cfg)
+    real_learning_rate_at = train_script.learning_rate_at
+    return learning_rate_at
+
+
+def only_error(err):
+    """train.py's one-line error: the last line of stderr, with no traceback before it."""
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("train.py: error: "), err
+    return err.strip().splitlines()[-1]
+
+
+def same_weights(a, b):
+    """The model weights of two checkpoints are bit for bit equal."""
+    for name, value in a["model"].items():
+        torch.testing.assert_close(b["model"][name], value, rtol=0, atol=0, msg=name)
 
 
 COMMON = ["--log_interval=5", "--eval_interval=0", "--warmup_iters=2", "--ckpt_interval=0"]
@@ -78,7 +129,9 @@ def test_kill_and_resume_gives_the_same_weights(domain, tmp_path):
 
 
 def test_two_process_ddp_equals_one_process_with_the_same_global_batch(domain, tmp_path):
-    args = [f"--data={domain}", "--max_iters=6", *COMMON]
+    """With 2 micro-steps per step: the balance loss of micro-step m uses the expert counts of every process's
+    micro-step m (all-reduced once per micro-step), as one process's micro-step of twice the tiles does."""
+    args = [f"--data={domain}", "--max_iters=6", "--grad_accum=2", *COMMON]
     ok(train(*args, f"--out_dir={tmp_path / 'two'}", "--batch_size=4", torchrun=True))
     ok(train(*args, f"--out_dir={tmp_path / 'one'}", "--batch_size=8"))
     ok(train(*args, f"--out_dir={tmp_path / 'half'}", "--batch_size=4"))     # control: half the global batch
@@ -285,3 +338,124 @@ def test_every_kind_of_model_key_reaches_the_model(domain, tmp_path):
     assert saved["model_args"]["embed_dim"] == 96                    # untouched: the tiny preset's
     result = train(f"--data={domain}", f"--out_dir={tmp_path / 'x'}", "--n_experts=two")
     assert result.returncode == 2 and "n_experts must be a int" in result.stderr
+
+
+# -----------------------------------------------------------------------------
+# faults of real runs: a bad tile, a full disk, preemption
+
+
+@pytest.mark.parametrize("where", ["train", "val"])
+def test_a_label_outside_the_classes_is_one_line_naming_the_tile_and_keeps_the_checkpoint(where, domain, tmp_path,
+                                                                                          capsys, one_thread):
+    """A labels.npy edited after meta.json (which still lists only 0..6 and 255): a training tile read at step 3
+    stops the run naming the last checkpoint (iter 2); a validation tile met by the evaluation at step 2 saves
+    that step first. Either way one line naming the split, the tile and the value, exit status 2."""
+    data = tmp_path / "domain"
+    shutil.copytree(domain, data)
+    split = Split(str(data / "train"))
+    tile = stream_indices(180, 0, 3 * 2, 1)[0] if where == "train" else len(split) - 1   # read at step 3 / val
+    labels = np.load(data / "train" / "labels.npy", mmap_mode="r+")
+    labels[tile, 10, 20] = 9
+    labels.flush()
+    del labels
+    status, _, err = train_here(capsys, f"--data={data}", f"--out_dir={tmp_path / 'run'}", "--max_iters=4",
+                                "--batch_size=2", "--ckpt_interval=2", "--eval_interval=2", "--eval_tiles=20",
+                                "--log_interval=2", "--warmup_iters=1")
+    ckpt, err = tmp_path / "run" / "ckpt.pt", only_error(err)
+    assert status == 2
+    assert f"split {data / 'train'}: tile {tile} has label value 9" in err and "re-run prepare.py" in err, err
+    kept = "the last good checkpoint" if where == "train" else "the run is saved in"
+    assert f"{kept} {ckpt} (iter 2)" in err, err
+    assert load_checkpoint(str(ckpt))["iter_num"] == 2
+
+
+@pytest.mark.parametrize("error, message", [
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"), "the disk is probably full"),
+    (OSError(errno.ENOSPC, "No space left on device"), "no space left on the device"),
+])
+def test_a_full_disk_while_saving_is_one_line_and_the_last_checkpoint_stays(error, message, domain, tmp_path,
+                                                                            capsys, monkeypatch, one_thread):
+    """torch.save fails as on a full disk (torch's own writer: RuntimeError "unexpected pos"; a Python file:
+    ENOSPC) when ckpt.pt is saved the second time: one line naming the file and the intact one, no temporary."""
+    real_save, saved = torch.save, []
+
+    def save_until_the_disk_is_full(obj, f, *args, **kwargs):
+        if "ckpt.pt" in getattr(f, "name", str(f)):
+            saved.append(f)
+            if len(saved) > 1:
+                f.write(b"half a checkpoint")
+                raise error
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+    run = tmp_path / "run"
+    status, _, err = train_here(capsys, f"--data={domain}", f"--out_dir={run}", "--max_iters=4", "--batch_size=2",
+                                "--ckpt_interval=2", "--eval_interval=0", "--log_interval=2", "--warmup_iters=1")
+    err = only_error(err)
+    assert status == 2 and err.startswith(f"train.py: error: {run / 'ckpt.pt'}: ") and message in err, err
+    assert f"the last good checkpoint {run / 'ckpt.pt'} (iter 2) is intact" in err, err
+    assert load_checkpoint(str(run / "ckpt.pt"))["iter_num"] == 2              # every checksum verified
+    assert sorted(os.listdir(run)) == [".lock", "best.pt", "ckpt.prev.pt", "ckpt.pt"]
+
+
+def test_sigterm_finishes_the_step_saves_exits_0_and_resume_continues_exactly(domain, tmp_path, capsys, one_thread,
+                                                                              monkeypatch):
+    """SIGTERM in the middle of step 7 (between two logs and checkpoints): the step ends, ckpt.pt is saved, one
+    line says so, main returns (exit 0) with the handlers restored; resume=True then gives the weights and the
+    logged losses of a run never interrupted (drop path on: the random state is resumed too)."""
+    args = [f"--data={domain}", "--batch_size=2", "--max_iters=10", "--drop_path_rate=0.1", "--log_interval=1",
+            "--eval_interval=0", "--ckpt_interval=4", "--warmup_iters=2"]
+    assert train_here(capsys, *args, f"--out_dir={tmp_path / 'full'}", f"--csv_log={tmp_path / 'full.csv'}")[0] == 0
+    handler = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(train_script, "learning_rate_at", signal_at_step(6))           # step 7 begins at it = 6
+    run, log = tmp_path / "stopped", f"--csv_log={tmp_path / 'stopped.csv'}"
+    status, out, _ = train_here(capsys, *args, f"--out_dir={run}", log)
+    assert status == 0 and signal.getsignal(signal.SIGTERM) is handler
+    assert out.strip().splitlines()[-1] == f"train.py: SIGTERM at step 7: saved {run / 'ckpt.pt'}; resume with resume=True"
+    assert weights(run)["iter_num"] == 7
+    monkeypatch.undo()
+    assert train_here(capsys, *args, f"--out_dir={run}", log, "--resume=True")[0] == 0
+    same_weights(weights(tmp_path / "full"), weights(run))
+    rows = [list(csv.DictReader(open(tmp_path / name))) for name in ("full.csv", "stopped.csv")]
+    columns = ("iter", "loss", "seg_loss", "balance_loss", "z_loss", "lr")
+    assert [[r[c] for c in columns] for r in rows[1]] == [[r[c] for c in columns] for r in rows[0]]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_rank(rank, port, args, signal_step):
+    """One of 2 gloo processes running train.py's main, with the environment torchrun gives it; rank 1 only
+    gets SIGTERM when step signal_step + 1 begins (if not None)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    if rank == 1 and signal_step is not None:
+        train_script.learning_rate_at = signal_at_step(signal_step)
+    train_script.main(args)
+
+
+def train_two_processes(*args, signal_step=None):
+    """train.py in 2 gloo processes (torch.multiprocessing: faster to start than torchrun)."""
+    mp.spawn(run_rank, args=(free_port(), list(args), signal_step), nprocs=2)
+
+
+def test_ddp_sigterm_on_one_process_stops_both_and_resume_restores_each_processs_random_state(domain, tmp_path,
+                                                                                               capfd):
+    """2 processes seeded seed + rank, drop path on: SIGTERM reaching rank 1 alone stops both after the same step
+    (the flag is agreed), ckpt.pt holds both random states, and resume=True gives each process its own back:
+    stopped + resumed = a run never interrupted."""
+    args = [f"--data={domain}", "--batch_size=2", "--max_iters=6", "--drop_path_rate=0.2", "--log_interval=3",
+            "--eval_interval=0", "--ckpt_interval=0", "--warmup_iters=2", "--eval_tiles=4"]
+    train_two_processes(*args, f"--out_dir={tmp_path / 'full'}")
+    train_two_processes(*args, f"--out_dir={tmp_path / 'stopped'}", signal_step=2)
+    out = capfd.readouterr().out
+    assert out.count(f"train.py: SIGTERM at step 3: saved {tmp_path / 'stopped' / 'ckpt.pt'}") == 1, out[-2000:]
+    stopped = weights(tmp_path / "stopped")
+    assert stopped["iter_num"] == 3 and len(stopped["rng"]) == 2
+    assert not torch.equal(stopped["rng"][0]["torch"], stopped["rng"][1]["torch"])
+    train_two_processes(*args, f"--out_dir={tmp_path / 'stopped'}", "--resume=True")
+    same_weights(weights(tmp_path / "full"), weights(tmp_path / "stopped"))
