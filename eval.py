@@ -32,9 +32,9 @@ from nanosar.files import check_output_path, release_freed_memory, write_atomic,
 from nanosar.geotiff import TiffWindows, write_tiled_geotiff
 from nanosar.metrics import evaluate
 from nanosar.model import SARConfig, Segmenter
-from nanosar.quicklook import class_quicklook, routing_mosaic, write_png
+from nanosar.quicklook import class_quicklook, write_png
 from nanosar.scene import (RoutingMaps, check_scene_values, scene_pixels, sliding_logits_of_tile,
-                           sliding_window_logits, tile_routing_maps)
+                           sliding_window_logits, write_routing_pictures)
 from nanosar.units import UNITS
 
 # -----------------------------------------------------------------------------
@@ -182,7 +182,8 @@ def run_suite(args, device, rank, world):
         if not results[label]:
             raise no_checkpoint_error(spec, benchmarks, args.which)
     if rank == 0:
-        write_routing_pictures(args, results, {path: model for path, (model, _) in cache.items()}, device)
+        write_routing_pictures(results, {path: model for path, (model, _) in cache.items()}, args.data,
+                               args.split, args.out, device)
         markdown = suite_markdown(args.suite, benchmarks, results)
         print("\n" + markdown)
         os.makedirs(args.out, exist_ok=True)
@@ -190,25 +191,6 @@ def run_suite(args, device, rank, world):
         write_text_atomic(os.path.join(args.out, f"{args.suite}.json"),
                      json.dumps({"suite": args.suite, "benchmarks": benchmarks, "results": results}, indent=1))
         print(f"wrote {args.out}/{args.suite}.md and .json")
-
-
-ROUTING_TILES = 4   # test tiles per target in the suite report's routing pictures
-
-
-def write_routing_pictures(args, results, models, device):
-    """<out>/routing/<label>_<target>.png for each MoE checkpoint and target: the top-1 expert per patch of
-    every block on the target's first ROUTING_TILES test tiles (side by side); its path goes in the results."""
-    for label, scores in results.items():
-        for s in scores.values():
-            model = getattr(models.get(s["checkpoint"]), "_orig_mod", models.get(s["checkpoint"]))  # eager: hooks
-            if model is None or model.cfg.n_experts == 1:
-                continue
-            split = Split(os.path.join(args.data, s["target"], args.split))
-            images, _ = load_batch(split, range(min(ROUTING_TILES, len(split))))
-            maps, blocks = tile_routing_maps(model, images.to(device))
-            s["routing_png"] = os.path.join("routing", f"{label}_{s['target']}.png")
-            os.makedirs(os.path.join(args.out, "routing"), exist_ok=True)
-            write_png(os.path.join(args.out, s["routing_png"]), routing_mosaic(maps, blocks, model.cfg.n_experts))
 
 
 def suite_markdown(name, benchmarks, results):

@@ -251,6 +251,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.dataset not in ("synthetic", "corpus") and not args.root:
         parser.error(f"{args.dataset} needs --root, the folder of the downloaded dataset")
+    interrupted = []                                      # Ctrl-C seen (its workers may die first: see below)
+
+    def note_interrupt(signum, frame):
+        interrupted.append(signum)
+        signal.default_int_handler(signum, frame)         # raises KeyboardInterrupt
+
+    in_main_thread = threading.current_thread() is threading.main_thread()   # (only it may set handlers)
+    previous = signal.signal(signal.SIGINT, note_interrupt) if in_main_thread else None
     try:
         if args.dataset == "synthetic":
             prepare_synthetic(args.out, args.tile or 128, args.train_tiles, args.test_tiles, args.seed, args.workers)
@@ -262,12 +270,22 @@ def main(argv=None):
                                         **_converter_options(args))
         print(_conversion_summary(path))
     except (OSError, ValueError, RuntimeError) as e:      # bad input, full disk, missing codec, busy folder
+        if interrupted:        # Ctrl-C killed the workers and the pool reported it (BrokenProcessPool) first
+            return report_interrupt()
         print(f"prepare.py: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:                             # Ctrl-C: what is written is kept for the rerun
-        print("prepare.py: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return report_interrupt()
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
     return 0
+
+
+def report_interrupt():
+    """The one line and exit status (130, as shells report SIGINT) of a Ctrl-C."""
+    print("prepare.py: interrupted; rerun the same command to resume", file=sys.stderr)
+    return 130
 
 
 if __name__ == "__main__":

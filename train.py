@@ -36,7 +36,7 @@ from nanosar.configurator import key_comments, parse_config
 from nanosar.data import TileStream, channel_statistics, open_splits, read_tiles
 from nanosar.dinov2 import upcycle_from_dinov2
 from nanosar.distributed import (StopSignals, close_distributed, gather_from_processes, init_distributed,
-                                 max_over_processes)
+                                 max_over_processes, wait_for_every_process)
 from nanosar.files import RunLock, RunLockedError, open_csv_log, remove_stale_temporaries
 from nanosar.metrics import evaluate
 from nanosar.model import SARConfig, Segmenter, balance_loss_over_blocks, weight_decay_groups
@@ -235,6 +235,7 @@ def main(argv):
         cleanup.callback(close_distributed)
         run = set_up_run(cfg, model_overrides, rank, world, device, cleanup)
         stopped_by = training_loop(run, signals)
+        wait_for_every_process()          # no process tears the group down while another still uses it
         if run.master and stopped_by is not None:
             print(f"train.py: {stopped_by.name} at step {run.it}: saved {run.ckpt_path}; resume with resume=True",
                   flush=True)

@@ -46,6 +46,13 @@ def max_over_processes(value):
     return int(t.item())
 
 
+def wait_for_every_process():
+    """A barrier when a process group is running: the end of a run, so that no process destroys the group
+    (and exits) while another still finishes a collective (gloo then aborts the late one)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def gather_from_processes(obj):
     """[obj of rank 0, obj of rank 1, ...] on every process (picklable objects, e.g. RNG states); [obj]
     without a process group. Every process must call it at the same point."""

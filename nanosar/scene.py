@@ -1,6 +1,7 @@
 """
 Whole-scene inference for eval.py --predict: a GeoTIFF scene read the way the model expects it (bands,
-unit, no-data filled), sliding windows with blended overlaps, and the per-patch routing of the MoE blocks.
+unit, no-data filled), sliding windows with blended overlaps, and the per-patch routing of the MoE blocks
+(of a scene: RoutingMaps; of a few tiles, for eval.py --suite's report: write_routing_pictures).
 
     read, invalid = scene_pixels(TiffWindows("scene.tif"), model.cfg, "db")
     logits = sliding_window_logits(lambda x: model(x).logits, read, (H, W), (0, H, 0, W), 512, 384)  # (K, H, W)
@@ -8,11 +9,12 @@ unit, no-data filled), sliding windows with blended overlaps, and the per-patch 
 
 import json
 import math
+import os
 
 import numpy as np
 import torch
 
-from nanosar.data import IGNORE, tile_positions
+from nanosar.data import IGNORE, Split, load_batch, tile_positions
 from nanosar.files import write_atomic
 from nanosar.geotiff import coarsen_geotags, write_band_geotiff
 from nanosar.model import MoEFFN
@@ -278,3 +280,23 @@ def tile_routing_maps(model, images):
         routing.close()
     return np.concatenate(maps, axis=2), routing.blocks
 
+
+ROUTING_TILES = 4   # test tiles per target in the suite report's routing pictures
+
+
+def write_routing_pictures(results, models, data, split_name, out, device):
+    """eval.py --suite's routing pictures, <out>/routing/<label>_<target>.png for each MoE checkpoint and
+    target: the top-1 expert per patch of every block on the first ROUTING_TILES tiles of the target's
+    split (tile_routing_maps); results[label][code]["routing_png"] gets its path, relative to out.
+    models: {checkpoint path: Segmenter}, as results[label][code]["checkpoint"] names them."""
+    for label, scores in results.items():
+        for s in scores.values():
+            model = getattr(models.get(s["checkpoint"]), "_orig_mod", models.get(s["checkpoint"]))  # eager: hooks
+            if model is None or model.cfg.n_experts == 1:
+                continue
+            split = Split(os.path.join(data, s["target"], split_name))
+            images, _ = load_batch(split, range(min(ROUTING_TILES, len(split))))
+            maps, blocks = tile_routing_maps(model, images.to(device))
+            s["routing_png"] = os.path.join("routing", f"{label}_{s['target']}.png")
+            os.makedirs(os.path.join(out, "routing"), exist_ok=True)
+            write_png(os.path.join(out, s["routing_png"]), routing_mosaic(maps, blocks, model.cfg.n_experts))

@@ -14,6 +14,27 @@ quantisation, representation); 5. the suite; 6. the tables (python -m nanosar.si
 descriptors per domain need the model, which sim must not import: python -m nanosar.ablation --descriptor-table.
 The backscatter numbers are engineering defaults inside the published ranges named at PUBLISHED_SIGMA0_DB
 (tested), not measurements.
+
+Per class, the sigma0 the simulated products deliver (python -m nanosar.sim --sigma0, generator version 4:
+the class's mean intensity per 128x128 tile, median [IQR] over 16 tiles of each corpus region, in dB),
+beside the published ranges (Ulaby & Dobson 1989; Ulaby & Long 2014; NASA SERVIR SAR Handbook 2019; open
+water: CMOD5, Hersbach et al. 2007, S1 flood thresholds, Twele et al. 2016):
+
+    | sensor | pol | other | building | road | water | bare land | forest | cropland |
+    |---|---|---|---|---|---|---|---|---|
+    | S1 | VV | -9.6 [-10.8, -8.6] | 4.8 [3.7, 5.9] | -10.4 [-13.0, -8.5] | -17.2 [-21.5, -10.5] | -12.9 [-13.9, -11.8] | -7.7 [-8.0, -7.3] | -11.2 [-11.6, -10.7] |
+    | S1 | VH | -17.2 [-17.9, -16.6] | -10.5 [-10.8, -10.0] | -18.3 [-19.8, -16.8] | -24.5 [-26.2, -20.4] | -21.3 [-22.3, -20.5] | -13.7 [-14.0, -13.4] | -17.4 [-17.9, -16.7] |
+    | G3 | HH | -7.7 [-8.9, -6.5] | 6.5 [5.5, 7.9] | -7.7 [-10.0, -5.4] | -13.1 [-17.2, -9.6] | -11.0 [-11.5, -10.0] | -6.3 [-6.8, -5.9] | -9.4 [-10.3, -8.7] |
+    | G3 | HV | -14.6 [-15.2, -13.8] | -8.5 [-8.9, -8.1] | -15.6 [-16.2, -13.4] | -17.1 [-18.5, -15.6] | -16.7 [-17.1, -16.4] | -11.5 [-12.0, -11.3] | -14.7 [-15.3, -14.4] |
+    | L2 | HH | -9.4 [-10.7, -6.9] | 8.1 [6.7, 9.0] | -8.1 [-11.2, -6.3] | -17.0 [-21.6, -9.1] | -13.6 [-14.8, -11.1] | -6.9 [-7.4, -6.6] | -10.7 [-11.3, -10.2] |
+    | L2 | HV | -18.9 [-20.0, -17.6] | -10.1 [-10.4, -9.4] | -19.1 [-21.2, -17.9] | -23.2 [-25.3, -20.2] | -22.6 [-23.6, -21.5] | -12.4 [-12.9, -12.1] | -19.1 [-19.6, -18.6] |
+    | X1 | HH | -6.6 [-9.2, -4.7] | 3.2 [2.6, 3.8] | -9.0 [-12.4, -5.3] | -11.3 [-16.6, -8.1] | -10.3 [-11.7, -8.4] | -7.4 [-8.0, -6.9] | -8.6 [-9.4, -7.4] |
+    | AC | VV | -11.1 [-12.5, -8.1] | -1.5 [-2.2, -0.8] | -19.1 [-24.1, -16.2] | -22.2 [-27.9, -12.0] | -14.1 [-16.4, -12.2] | -8.7 [-9.2, -8.0] | -12.6 [-13.9, -11.5] |
+    | published, C-band | VV | -14...-8 | -8...5 | -22...-12 | -26...-12 | -20...-8 | -9...-6 | -16...-7 |
+    | published, C-band | VH | -21...-15 | -17...-7 | - | -32...-22 | -27...-18 | -15...-12 | -22...-13 |
+    | published, L-band | HH | - | -5...8 | - | -30...-18 | -22...-10 | -9...-5 | -16...-7 |
+    | published, L-band | HV | - | -18...-6 | - | - | -30...-22 | -14...-11 | -25...-15 |
+    | published, X-band | HH | - | -6...8 | -20...-11 | -25...-10 | -18...-7 | - | -14...-6 |
 """
 
 import math

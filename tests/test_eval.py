@@ -18,7 +18,7 @@ from nanosar.data import tile_positions
 from nanosar.geotiff import read_png
 from nanosar.metrics import confusion_matrix, segmentation_scores
 from nanosar.model import SARConfig, Segmenter
-from nanosar.scene import fill_nodata, pad_to_window
+from nanosar.scene import fill_nodata, pad_to_window, tile_routing_maps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -128,7 +128,7 @@ def test_suite_routing_pictures_hold_each_tiles_experts_side_by_side():
     torch.manual_seed(0)
     model = Segmenter(SARConfig.preset("tiny", num_register_tokens=2, **TINY)).eval()
     images = torch.randn(3, 1, 64, 64) * 3 - 12
-    maps, blocks = E.tile_routing_maps(model, images)
+    maps, blocks = tile_routing_maps(model, images)
     g = 64 // model.cfg.patch_size
     assert maps.shape == (len(blocks), g, 3 * g) and blocks == [0, 1, 2, 3]
     for n in range(3):

@@ -570,8 +570,8 @@ def test_ctrl_c_ends_prepare_and_its_workers_with_one_line(tmp_path):
             return len(writing & set(workers)) == 2
         assert wait_until(both_writing, 120), parent.stderr.read() if parent.poll() is not None else ""
         os.killpg(parent.pid, signal.SIGINT)       # what the terminal does on Ctrl-C
-        assert parent.wait(timeout=30) == 130
-        assert parent.stderr.read() == INTERRUPTED + "\n"
+        code, stderr = parent.wait(timeout=30), parent.stderr.read()
+        assert (code, stderr) == (130, INTERRUPTED + "\n")
         assert wait_until(lambda: not any(running(w) for w in workers), 20)
     finally:
         parent.kill() if parent.poll() is None else None
